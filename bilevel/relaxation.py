@@ -1,0 +1,59 @@
+"""How an equilibrium is relaxed: strategy, tolerance and budget in one object.
+
+Solvers hold one :class:`Relaxation` per phase (free equilibrium, controlled
+equilibrium, adjoint) so that each phase's integrator and stopping rule are
+options, configurable by name from a config dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from bilevel import fixed_point as fp
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Relaxation:
+  """Strategy + stopping rule for :func:`bilevel.fixed_point.solve_fixed_point`."""
+  strategy: fp.Strategy = fp.Euler(1.0)
+  rtol: float = 1e-5
+  atol: float = 0.0
+  max_steps: int = 800
+  steps_per_check: int = 1
+
+  def solve(self, field: fp.Field, z0: PyTree) -> fp.FixedPointResult:
+    return fp.solve_fixed_point(field, z0, self.strategy, rtol=self.rtol,
+                                atol=self.atol, max_steps=self.max_steps,
+                                steps_per_check=self.steps_per_check)
+
+  def unrolled(self, field: fp.Field, z0: PyTree,
+               num_steps: int | None = None) -> fp.FixedPointResult:
+    return fp.unrolled_fixed_point(field, z0, self.strategy,
+                                   num_steps=num_steps or self.max_steps,
+                                   rtol=self.rtol, atol=self.atol,
+                                   unroll=self.steps_per_check)
+
+
+def relaxation_from_config(cfg: Mapping[str, Any] | Relaxation | None,
+                           default: Relaxation = Relaxation()) -> Relaxation:
+  """Builds a Relaxation from ``{strategy: name, strategy_options: {...}, rtol,
+  atol, max_steps, steps_per_check}``; missing keys keep ``default``'s values."""
+  if cfg is None:
+    return default
+  if isinstance(cfg, Relaxation):
+    return cfg
+  cfg = dict(cfg)
+  allowed = {"strategy", "strategy_options", "rtol", "atol", "max_steps", "steps_per_check"}
+  unknown = set(cfg) - allowed
+  if unknown:
+    raise ValueError(f"unknown relaxation option(s) {sorted(unknown)}; "
+                     f"valid options are {sorted(allowed)}")
+  strategy = default.strategy
+  if "strategy" in cfg:
+    strategy = fp.make_strategy(cfg.pop("strategy"), **dict(cfg.pop("strategy_options", {})))
+  elif "strategy_options" in cfg:
+    strategy = dataclasses.replace(default.strategy, **dict(cfg.pop("strategy_options")))
+  return dataclasses.replace(default, strategy=strategy, **cfg)

@@ -1,0 +1,71 @@
+"""``rbp`` (and ``imaml``): implicit gradient through the free equilibrium.
+
+Eq. 5: ``grad_theta L = -d_theta f^T (d_phi f)^{-T} grad_phi L``. With
+``w`` solving the adjoint system ``d_phi f(phi*)^T w = -grad_phi L(phi*)`` the
+gradient is ``d_theta f^T w``: one matrix-free linear solve per example
+(:mod:`bilevel.linear_solve`: adjoint dynamics, Neumann series or CG), then
+one VJP over the batch. Memory does not grow with the number of iterations.
+
+``imaml`` is the same computation with conjugate gradients, the natural choice
+for energy problems (``d_phi f = -Hessian E`` is symmetric): for the complex
+synapse of eq. 16 it is iMAML's solve with ``I + Hessian(L_learn) / lambda``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+
+from bilevel import linear_solve
+from bilevel import tree as tu
+from bilevel.relaxation import Relaxation
+from solvers.base import GradientEstimate, Solver, relaxation_stats
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentBackprop(Solver):
+  """Two phases: free relaxation, then the linear adjoint relaxation."""
+  name: ClassVar[str] = "rbp"
+
+  adjoint_method: str = "fixed_point"
+  adjoint: Relaxation = Relaxation(rtol=1e-4, max_steps=200)
+
+  def init(self, problem, params, key):
+    if self.adjoint_method not in linear_solve.METHODS:
+      raise ValueError(f"unknown adjoint_method {self.adjoint_method!r}; use one of "
+                       f"{linear_solve.METHODS}")
+    if self.adjoint_method == "cg" and not problem.has_energy:
+      raise ValueError(f"adjoint_method='cg' needs a symmetric Jacobian, i.e. a problem "
+                       f"with an `energy`; {problem.name!r} has only dynamics. Use "
+                       "adjoint_method='fixed_point'.")
+    return super().init(problem, params, key)
+
+  def __call__(self, problem, params, solver_params, batch) -> GradientEstimate:
+    free = self.free_equilibrium(problem, params, batch)
+
+    def adjoint_solve(phi, example):
+      matvec = lambda w: problem.state_vjp(params, phi, example, w)
+      rhs = tu.tree_scale(-1.0, problem.loss_grad(phi, example))
+      return linear_solve.solve_stable_linear(
+          matvec, rhs, method=self.adjoint_method, strategy=self.adjoint.strategy,
+          rtol=self.adjoint.rtol, atol=self.adjoint.atol,
+          max_steps=self.adjoint.max_steps)
+
+    adj = jax.vmap(adjoint_solve)(free.value, batch)
+    grads = problem.params_vjp(params, free.value, batch, adj.value)
+    loss, outputs = self.batch_loss(problem, free.value, batch)
+    stats = {**relaxation_stats("free", free), **relaxation_stats("adjoint", adj)}
+    return GradientEstimate(grads, (), loss, outputs, stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplicitMAML(RecurrentBackprop):
+  """``imaml``: the implicit gradient with a conjugate-gradient adjoint."""
+  name: ClassVar[str] = "imaml"
+  needs_energy: ClassVar[bool] = True
+  adjoint_method: str = "cg"
+  adjoint: Relaxation = Relaxation(rtol=1e-5, max_steps=50)

@@ -1,0 +1,179 @@
+"""A zoo of small bilevel problems shared by the solver tests, with exact answers.
+
+Every problem is stated through :class:`bilevel.BilevelProblem` exactly as a
+user would. ``exact_implicit_gradient`` computes eq. 5 with dense Jacobians
+and a dense inverse; ``augmented_energy_value`` computes ``min_phi 1/2||f||^2 +
+L/alpha`` by Newton's method -- both independent of every solver.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from bilevel import BilevelProblem
+
+
+def _spectral_scale(w, target):
+  return w * (target / jnp.linalg.norm(w, 2))
+
+
+def tanh_rnn(n: int = 8, n_in: int = 3, n_out: int = 2, *, linear: bool = False,
+             batch: int = 4, seed: int = 0):
+  """Equilibrium RNN of eq. 11, f = -phi + W sigma(phi) + U x, squared loss on
+  the last ``n_out`` units. Returns (problem, params, batch)."""
+  sigma = (lambda v: v) if linear else jnp.tanh
+  k = jax.random.split(jax.random.key(seed), 4)
+
+  def init_params(key, example):
+    k1, k2 = jax.random.split(key)
+    w = _spectral_scale(jax.random.normal(k1, (n, n)), 0.6)
+    u = jax.random.normal(k2, (n, n_in)) / jnp.sqrt(n_in)
+    return {"W": w, "U": u}
+
+  def dynamics(params, phi, ex):
+    return -phi + params["W"] @ sigma(phi) + params["U"] @ ex["x"]
+
+  def loss(y, ex):
+    return 0.5 * jnp.sum((y - ex["target"]) ** 2)
+
+  data = {"x": jax.random.normal(k[0], (batch, n_in)),
+          "target": 0.5 * jax.random.normal(k[1], (batch, n_out))}
+  problem = BilevelProblem(
+      dynamics=dynamics, loss=loss, output=lambda phi: phi[n - n_out:],
+      init_state=lambda params, ex: jnp.zeros(n), init_params=init_params,
+      name="linear_net" if linear else "tanh_rnn",
+      example=jax.tree.map(lambda a: a[0], data))
+  return problem, init_params(k[2], None), data
+
+
+def layered_net(sizes=(3, 5, 4, 2), batch: int = 4, seed: int = 1):
+  """A feedforward net as a block-structured equilibrium (eq. 11 with block W):
+  the state is a tuple of layers, h_l = W_l sigma(h_{l-1}) (+ U x for l = 1)."""
+  k = jax.random.split(jax.random.key(seed), 3)
+
+  def init_params(key, example):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [jax.random.normal(kk, (o, i)) / jnp.sqrt(i)
+            for kk, i, o in zip(keys, sizes[:-1], sizes[1:])]
+
+  def dynamics(params, state, ex):
+    inputs = (ex["x"],) + tuple(jnp.tanh(h) for h in state[:-1])
+    return tuple(-h + w @ a for h, w, a in zip(state, params, inputs))
+
+  def loss(y, ex):
+    return 0.5 * jnp.sum((y - ex["target"]) ** 2)
+
+  data = {"x": jax.random.normal(k[0], (batch, sizes[0])),
+          "target": 0.5 * jax.random.normal(k[1], (batch, sizes[-1]))}
+  problem = BilevelProblem(
+      dynamics=dynamics, loss=loss, output=lambda s: s[-1],
+      init_state=lambda p, ex: tuple(jnp.zeros(s) for s in sizes[1:]),
+      init_params=init_params, name="layered_net",
+      example=jax.tree.map(lambda a: a[0], data))
+  return problem, init_params(k[2], None), data
+
+
+def complex_synapse(dim: int = 5, n_support: int = 6, n_query: int = 8, lam: float = 1.0,
+                    logistic: bool = False, batch: int = 3, seed: int = 2):
+  """Eq. 16 in miniature: fast weights phi minimise L_learn + lam/2 ||phi - omega||^2
+  (least squares or logistic regression on the support set); the outer loss is
+  the query loss; theta = omega; all of phi is output."""
+  k = jax.random.split(jax.random.key(seed), 5)
+
+  def data_loss(phi, x, y):
+    z = x @ phi
+    if logistic:
+      return jnp.mean(jnp.logaddexp(0.0, -y * z))
+    return 0.5 * jnp.mean((z - y) ** 2)
+
+  def energy(omega, phi, task):
+    return (data_loss(phi, task["xs"], task["ys"])
+            + 0.5 * lam * jnp.sum((phi - omega) ** 2))
+
+  def loss(phi, task):
+    return data_loss(phi, task["xq"], task["yq"])
+
+  w_true = jax.random.normal(k[0], (batch, dim))
+  xs = jax.random.normal(k[1], (batch, n_support, dim))
+  xq = jax.random.normal(k[2], (batch, n_query, dim))
+  label = (lambda v: jnp.sign(v)) if logistic else (lambda v: v)
+  data = {"xs": xs, "ys": label(jnp.einsum("bnd,bd->bn", xs, w_true)),
+          "xq": xq, "yq": label(jnp.einsum("bnd,bd->bn", xq, w_true))}
+  problem = BilevelProblem(
+      energy=energy, loss=loss, init_state=lambda omega, task: omega,
+      init_params=lambda key, task: 0.1 * jax.random.normal(key, (dim,)),
+      name="logistic_synapse" if logistic else "quadratic_synapse",
+      example=jax.tree.map(lambda a: a[0], data))
+  return problem, 0.1 * jax.random.normal(k[3], (dim,)), data
+
+
+ZOO = {
+    "tanh_rnn": tanh_rnn,
+    "linear_net": functools.partial(tanh_rnn, linear=True),
+    "layered_net": layered_net,
+    "quadratic_synapse": complex_synapse,
+    "logistic_synapse": functools.partial(complex_synapse, logistic=True),
+}
+
+
+# ----- independent exact answers ----------------------------------------------
+
+def newton_equilibrium(problem, params, example, tol=1e-13, iters=100):
+  """Free equilibrium by Newton's method on the flattened state (float64)."""
+  phi0 = problem.init_state(params, example)
+  flat0, unravel = ravel_pytree(phi0)
+  g = lambda v: ravel_pytree(problem.f(params, unravel(v), example))[0]
+  v = flat0
+  for _ in range(iters):
+    step = jnp.linalg.solve(jax.jacobian(g)(v), g(v))
+    v = v - step
+    if float(jnp.linalg.norm(step)) < tol:
+      break
+  return unravel(v)
+
+
+def exact_implicit_gradient(problem, params, batch):
+  """Eq. 5 with dense matrices: mean over the batch of
+  -d_theta f^T (d_phi f)^{-T} grad_phi L at the Newton equilibrium."""
+  flat_p, unravel_p = ravel_pytree(params)
+  total = jnp.zeros_like(flat_p)
+  size = jax.tree.leaves(batch)[0].shape[0]
+  for i in range(size):
+    ex = jax.tree.map(lambda a: a[i], batch)
+    phi = newton_equilibrium(problem, params, ex)
+    flat_s, unravel_s = ravel_pytree(phi)
+    f_flat = lambda p, s: ravel_pytree(problem.f(unravel_p(p), unravel_s(s), ex))[0]
+    j_state = jax.jacobian(f_flat, argnums=1)(flat_p, flat_s)
+    j_params = jax.jacobian(f_flat, argnums=0)(flat_p, flat_s)
+    dl = jax.grad(lambda s: problem.outer_loss(unravel_s(s), ex))(flat_s)
+    total = total - j_params.T @ np.linalg.solve(j_state.T, dl)
+  return unravel_p(total / size)
+
+
+def augmented_energy_value(problem, params, example, alpha, phi_init=None, iters=200):
+  """min_phi 1/2 ||f(phi)||^2 + L(phi) / alpha by damped Newton (float64).
+
+  Its theta-gradient is what every LCP circuit at a finite alpha computes
+  (section 2.4 with beta = 1 / alpha); as alpha -> 0 it tends to grad H.
+  Returns (value, minimiser).
+  """
+  phi0 = problem.init_state(params, example) if phi_init is None else phi_init
+  flat0, unravel = ravel_pytree(phi0)
+
+  def energy(v):
+    fv = ravel_pytree(problem.f(params, unravel(v), example))[0]
+    return 0.5 * jnp.sum(fv ** 2) + problem.outer_loss(unravel(v), example) / alpha
+
+  grad, hess = jax.grad(energy), jax.hessian(energy)
+  v = flat0
+  for _ in range(iters):
+    step = jnp.linalg.solve(hess(v), grad(v))
+    v = v - step
+    if float(jnp.linalg.norm(step)) < 1e-14:
+      break
+  return energy(v), unravel(v)
