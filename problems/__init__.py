@@ -14,6 +14,12 @@ from problems.base import Task
 
 REGISTRY: dict[str, str] = {
     # name: "module:function"
+    "cifar10_ff": "problems.cifar:build_ff",
+    "cifar10_deq": "problems.cifar:build_deq",
+    "inr": "problems.inr:build",
+    "mnist_ff": "problems.mnist:build_ff",
+    "mnist_rnn": "problems.mnist:build_rnn",
+    "toy": "problems.toy:build",
 }
 
 

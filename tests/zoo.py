@@ -155,25 +155,31 @@ def exact_implicit_gradient(problem, params, batch):
   return unravel_p(total / size)
 
 
-def augmented_energy_value(problem, params, example, alpha, phi_init=None, iters=200):
-  """min_phi 1/2 ||f(phi)||^2 + L(phi) / alpha by damped Newton (float64).
+def augmented_energy_value(problem, params, example, alpha, newton_steps=40):
+  """min_phi 1/2 ||f(phi)||^2 + L(phi) / alpha by Newton's method (float64),
+  started at the initial state. Returns (value, minimiser).
 
   Its theta-gradient is what every LCP circuit at a finite alpha computes
   (section 2.4 with beta = 1 / alpha); as alpha -> 0 it tends to grad H.
-  Returns (value, minimiser).
   """
-  phi0 = problem.init_state(params, example) if phi_init is None else phi_init
-  flat0, unravel = ravel_pytree(phi0)
+  return _augmented_energy_solver(problem, alpha, newton_steps)(params, example)
 
-  def energy(v):
-    fv = ravel_pytree(problem.f(params, unravel(v), example))[0]
-    return 0.5 * jnp.sum(fv ** 2) + problem.outer_loss(unravel(v), example) / alpha
 
-  grad, hess = jax.grad(energy), jax.hessian(energy)
-  v = flat0
-  for _ in range(iters):
-    step = jnp.linalg.solve(hess(v), grad(v))
-    v = v - step
-    if float(jnp.linalg.norm(step)) < 1e-14:
-      break
-  return energy(v), unravel(v)
+@functools.lru_cache(maxsize=None)
+def _augmented_energy_solver(problem, alpha, newton_steps):
+
+  @jax.jit
+  def solve(params, example):
+    flat0, unravel = ravel_pytree(problem.init_state(params, example))
+
+    def energy(v):
+      fv = ravel_pytree(problem.f(params, unravel(v), example))[0]
+      return 0.5 * jnp.sum(fv ** 2) + problem.outer_loss(unravel(v), example) / alpha
+
+    def newton(_, v):
+      return v - jnp.linalg.solve(jax.hessian(energy)(v), jax.grad(energy)(v))
+
+    v = jax.lax.fori_loop(0, newton_steps, newton, flat0)
+    return energy(v), unravel(v)
+
+  return solve

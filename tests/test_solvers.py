@@ -1,0 +1,205 @@
+"""Every solver's gradient against an independent exact answer on the zoo.
+
+* bp, rbp (all adjoint methods) and imaml: the implicit-function-theorem
+  gradient of eq. 5 from dense Jacobians and a dense inverse.
+* lcp_di, lcp_ebd, lcp_kp: at a finite alpha the controlled equilibrium is the
+  minimiser of F = 1/2||f||^2 + L/alpha (section 2.4, beta = 1/alpha), so the
+  update must equal grad_theta min_phi F -- checked by central finite
+  differences of min F computed by Newton's method. As alpha -> 0 the update
+  tends to grad H (Theorem 1) and grad_y L -> 0 at the controlled state (eq. 3).
+* lcp_direct: agrees with lcp_di / lcp_ebd when all of phi is output.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import solvers
+import zoo
+
+TIGHT_FREE = {"strategy": "anderson", "strategy_options": {"dt": 0.3}, "rtol": 1e-12,
+              "max_steps": 5000}
+TIGHT_CONTROLLED = {"strategy": "anderson", "strategy_options": {"dt": 0.2, "memory": 8},
+                    "rtol": 1e-12, "max_steps": 20000}
+
+
+def _flat(tree):
+  return np.asarray(ravel_pytree(tree)[0])
+
+
+def _rel_err(a, b):
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@functools.lru_cache(maxsize=None)
+def _zoo(name):
+  return zoo.ZOO[name]()
+
+
+@functools.lru_cache(maxsize=None)
+def _exact(name):
+  problem, params, batch = _zoo(name)
+  return _flat(zoo.exact_implicit_gradient(problem, params, batch))
+
+
+def _estimate(name, solver_name, **options):
+  problem, params, batch = _zoo(name)
+  solver = solvers.get_solver(solver_name, **options)
+  solver_params = solver.init(problem, params, jax.random.key(0))
+  return jax.jit(lambda p, sp, b: solver(problem, p, sp, b))(params, solver_params, batch)
+
+
+IMPLICIT_CASES = [
+    ("rbp", {"adjoint": {"rtol": 1e-12, "max_steps": 5000,
+                         "strategy": "euler", "strategy_options": {"dt": 0.3}}}),
+    ("rbp", {"adjoint": {"rtol": 1e-12, "max_steps": 5000, "strategy": "anderson",
+                         "strategy_options": {"dt": 0.3}}}),
+    ("rbp", {"adjoint_method": "neumann",
+             "adjoint": {"max_steps": 400, "strategy": "euler",
+                         "strategy_options": {"dt": 0.3}}}),
+    ("bp", {"num_steps": 400, "free": {"strategy": "euler", "strategy_options": {"dt": 0.3}}}),
+]
+ENERGY_CASES = [
+    ("imaml", {"adjoint": {"rtol": 1e-13, "max_steps": 200}}),
+    ("rbp", {"adjoint_method": "cg", "adjoint": {"rtol": 1e-13, "max_steps": 200}}),
+]
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+@pytest.mark.parametrize("solver_name,options", IMPLICIT_CASES + ENERGY_CASES,
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_implicit_solvers_match_dense_inverse(name, solver_name, options):
+  problem, _, _ = _zoo(name)
+  if (solver_name, options) in ENERGY_CASES and not problem.has_energy:
+    with pytest.raises(ValueError, match="energy"):
+      _estimate(name, solver_name, **options)
+    return
+  options = {"free": TIGHT_FREE, **options}
+  est = _estimate(name, solver_name, **options)
+  err = _rel_err(_flat(est.grads), _exact(name))
+  assert err < 1e-7, f"{solver_name} on {name}: max relative error {err:.2e}"
+  assert bool(jnp.all(est.stats["free/converged"]))
+
+
+def _augmented_energy_gradient(name, alpha, directions):
+  """Central differences of (1/B) sum_i min_phi [1/2||f||^2 + L/alpha] along
+  ``directions`` (flat parameter vectors)."""
+  problem, params, batch = _zoo(name)
+  flat, unravel = ravel_pytree(params)
+  size = jax.tree.leaves(batch)[0].shape[0]
+  examples = [jax.tree.map(lambda a: a[i], batch) for i in range(size)]
+
+  def value(p):
+    return sum(float(zoo.augmented_energy_value(problem, p, ex, alpha)[0])
+               for ex in examples) / size
+
+  eps = 1e-5
+  return np.array([(value(unravel(flat + eps * d)) - value(unravel(flat - eps * d)))
+                   / (2 * eps) for d in directions])
+
+
+LCP_PROBLEMS = ["tanh_rnn", "layered_net", "quadratic_synapse", "logistic_synapse"]
+
+
+@pytest.mark.parametrize("name", LCP_PROBLEMS)
+@pytest.mark.parametrize("solver_name", ["lcp_di", "lcp_ebd"])
+def test_lcp_update_is_gradient_of_augmented_energy(name, solver_name):
+  alpha = 0.05
+  est = _estimate(name, solver_name, alpha=alpha, free=TIGHT_FREE,
+                  controlled=TIGHT_CONTROLLED)
+  assert bool(jnp.all(est.stats["controlled/converged"]))
+  update = _flat(est.grads)
+  rng = np.random.default_rng(0)
+  directions = [update / np.linalg.norm(update)] + [
+      rng.standard_normal(update.shape) for _ in range(2)]
+  fd = _augmented_energy_gradient(name, alpha, directions)
+  np.testing.assert_allclose([d @ update for d in directions], fd, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", LCP_PROBLEMS)
+def test_di_and_ebd_reach_the_same_optimal_control(name):
+  di = _estimate(name, "lcp_di", alpha=0.05, free=TIGHT_FREE, controlled=TIGHT_CONTROLLED)
+  ebd = _estimate(name, "lcp_ebd", alpha=0.05, free=TIGHT_FREE, controlled=TIGHT_CONTROLLED)
+  np.testing.assert_allclose(_flat(di.grads), _flat(ebd.grads), rtol=1e-7, atol=1e-10)
+  np.testing.assert_allclose(di.stats["psi_norm"], ebd.stats["psi_norm"], rtol=1e-8)
+  # f(phi*) + psi* = 0 at the controlled equilibrium (eq. 3).
+  assert float(jnp.max(di.stats["constraint_violation"])) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["tanh_rnn", "quadratic_synapse"])
+def test_alpha_to_zero_recovers_the_least_control_gradient(name):
+  """grad_y L -> 0 at the controlled state and the update -> grad H (eq. 4)."""
+  problem, params, batch = _zoo(name)
+  update_dir = None
+  errors, losses = [], []
+  for alpha in (1e-2, 1e-3):
+    est = _estimate(name, "lcp_di", alpha=alpha, free=TIGHT_FREE,
+                    controlled=TIGHT_CONTROLLED)
+    assert bool(jnp.all(est.stats["controlled/converged"]))
+    update = _flat(est.grads)
+    update_dir = update / np.linalg.norm(update) if update_dir is None else update_dir
+    # H's gradient: the augmented energy in the perfect-control limit alpha -> 0
+    # (penalty method, Newton in float64), along the update direction.
+    exact = _augmented_energy_gradient(name, 1e-9, [update_dir])[0]
+    errors.append(abs(update_dir @ update - exact) / abs(exact))
+    losses.append(float(jnp.max(est.stats["controlled_loss"])))
+  assert errors[1] < errors[0] / 5 and errors[1] < 0.02, errors
+  assert losses[1] < losses[0], losses
+
+
+def test_direct_control_matches_dynamic_inversion_when_all_state_is_output():
+  errors = []
+  for alpha in (1e-2, 1e-3):
+    di = _estimate("quadratic_synapse", "lcp_di", alpha=alpha, free=TIGHT_FREE,
+                   controlled=TIGHT_CONTROLLED)
+    direct = _estimate("quadratic_synapse", "lcp_direct", alpha=alpha, free=TIGHT_FREE,
+                       controlled=TIGHT_CONTROLLED)
+    assert bool(jnp.all(direct.stats["controlled/converged"]))
+    errors.append(_rel_err(_flat(direct.grads), _flat(di.grads)))
+  assert errors[1] < errors[0] / 5 and errors[1] < 0.01, errors
+
+
+def test_meta_learning_rule_is_lambda_u_in_closed_form():
+  """Eq. 18 on the quadratic synapse, solved by hand: the direct-control steady
+  state solves grad E(phi) + grad L(phi) / alpha = 0 (a linear system here), the
+  controller is u* = grad E(phi*), and the update is d omega = lambda u*."""
+  alpha, lam = 1e-2, 1.0  # lam as in zoo.complex_synapse
+  problem, omega, batch = _zoo("quadratic_synapse")
+  est = _estimate("quadratic_synapse", "lcp", alpha=alpha, free=TIGHT_FREE,
+                  controlled=TIGHT_CONTROLLED)
+  expected = []
+  for i in range(batch["xs"].shape[0]):
+    xs, ys, xq, yq = (np.asarray(batch[k][i]) for k in ("xs", "ys", "xq", "yq"))
+    a_s, b_s = xs.T @ xs / len(ys), xs.T @ ys / len(ys)
+    a_q, b_q = xq.T @ xq / len(yq), xq.T @ yq / len(yq)
+    eye = np.eye(len(omega))
+    phi = np.linalg.solve(a_s + lam * eye + a_q / alpha, b_s + lam * omega + b_q / alpha)
+    u = a_s @ phi - b_s + lam * (phi - omega)
+    expected.append(-lam * u)  # a gradient to descend: d omega = +lambda u*
+  np.testing.assert_allclose(est.grads, np.mean(expected, axis=0), rtol=1e-8)
+
+
+def test_kolen_pollack_copy_equals_dynamic_inversion_and_aligns():
+  name = "tanh_rnn"
+  di = _estimate(name, "lcp_di", free=TIGHT_FREE, controlled=TIGHT_CONTROLLED)
+  kp = _estimate(name, "lcp_kp", feedback_init="copy", weight_decay=0.0,
+                 free=TIGHT_FREE, controlled=TIGHT_CONTROLLED)
+  np.testing.assert_allclose(_flat(kp.grads), _flat(di.grads), rtol=1e-9)
+  # With random feedback, both pathways get the same local update plus decay, so
+  # under SGD the misalignment B - theta shrinks by exactly (1 - lr * gamma).
+  problem, params, batch = _zoo(name)
+  solver = solvers.get_solver("lcp_kp", weight_decay=0.1, controlled=TIGHT_CONTROLLED)
+  feedback = solver.init(problem, params, jax.random.key(1))
+  est = solver(problem, params, feedback, batch)
+  lr = 0.5
+  new_params = jax.tree.map(lambda p, g: p - lr * g, params, est.grads)
+  new_feedback = jax.tree.map(lambda p, g: p - lr * g, feedback, est.solver_grads)
+  gap = lambda a, b: _flat(a) - _flat(b)
+  np.testing.assert_allclose(gap(new_feedback, new_params),
+                             (1 - lr * 0.1) * gap(feedback, params), rtol=1e-10)
+  # The random feedback changes the control (no weight transport) ...
+  assert not np.allclose(_flat(est.grads), _flat(kp.grads))
