@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from bilevel import fixed_point as fp
 from bilevel import least_control as lc
 from bilevel import tree as tu
 from bilevel.problem import BilevelProblem
@@ -39,7 +40,10 @@ class LeastControl(Solver):
   alpha: float = 0.1
   k_i: float = 1.0
   k_p: float = 0.0
-  controlled: Relaxation = Relaxation(rtol=1e-6, max_steps=800)
+  # The joint controlled dynamics are stable but lightly damped; forward Euler
+  # at dt = 1 can oscillate or blow up, Anderson acceleration settles them.
+  controlled: Relaxation = Relaxation(strategy=fp.Anderson(dt=0.5, memory=5), rtol=1e-6,
+                                      max_steps=800)
 
   @property
   def controller(self) -> lc.OutputController:
