@@ -18,20 +18,17 @@ warning and the previous one is used.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
 PyTree = Any
-
-log = logging.getLogger(__name__)
 
 
 def _ocp():
@@ -48,21 +45,23 @@ def _abstract(tree: PyTree) -> PyTree:
   return jax.tree.map(one, tree)
 
 
-def _pack(state: Any, average: Optional[PyTree]) -> dict:
-  """TrainState (a NamedTuple) -> nested dict orbax stores with readable names."""
+def _pack(state: Any, average: Optional[Any]) -> dict:
+  """TrainState (a NamedTuple) and the average -> nested dicts with readable names."""
   tree = {"train": dict(state._asdict())}
   if average is not None:
-    tree["average"] = average
+    tree["average"] = dict(average._asdict()) if hasattr(average, "_asdict") else average
   return tree
 
 
 class Checkpointer:
   """Save / restore (TrainState, averaged params, host dict) under ``directory``."""
 
-  def __init__(self, directory: os.PathLike | str, keep: int = 3):
+  def __init__(self, directory: os.PathLike | str, keep: int = 3,
+               warn: Optional[Callable[[str], None]] = None):
     self.directory = Path(directory).absolute()
     self.keep = int(keep)
     self._manager = None
+    self._warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3))
 
   # orbax objects are created lazily so that constructing one is free.
   @property
@@ -113,31 +112,44 @@ class Checkpointer:
     out = self.manager.restore(step, args=args)
     return out["state"], dict(out["host"])
 
-  def restore(self, state_template: Any, average_template: Optional[PyTree]
-              ) -> Optional[tuple[int, Any, Optional[PyTree], dict]]:
+  def restore(self, state_template: Any, average_template: Optional[Any]
+              ) -> Optional[tuple[int, Any, Optional[dict], dict]]:
     """Newest readable checkpoint as ``(step, state, average, host)``; None if none.
 
-    ``state_template`` / ``average_template`` give structure, shapes, dtypes and
-    shardings (e.g. a freshly initialised state). Unreadable checkpoints are
-    moved to ``checkpoints_corrupt/`` with a warning, falling back to older ones.
+    ``state_template`` gives structure, shapes, dtypes and shardings (e.g. a
+    freshly initialised state); ``average_template`` likewise for the averaged
+    parameters (None when averaging is off). ``average`` is returned as a dict
+    ``{"params", "count"}``, or None if the checkpoint has none (averaging was
+    turned on later). Unreadable checkpoints are moved to ``checkpoints_corrupt/``
+    with a warning, falling back to older ones.
     """
-    template = _pack(state_template, average_template)
+    if average_template is None:  # the checkpoint may still hold one: allow both
+      params = state_template.params
+      average_template = {"params": params, "count": np.zeros((), np.int32)}
+      want_average = False
+    else:
+      want_average = True
+    variants = [_pack(state_template, average_template), _pack(state_template, None)]
     bad: list[int] = []
     result = None
     for step in reversed(self.steps()):
-      try:
-        tree, host = self._restore_step(step, template)
-        _check_finite_structure(tree, template)
-      except Exception as e:  # noqa: BLE001 -- any failure means: unusable checkpoint
+      error = None
+      for template in variants:
+        try:
+          tree, host = self._restore_step(step, template)
+          break
+        except Exception as e:  # noqa: BLE001 -- any failure means: try the next
+          error = error or e
+      else:
         msg = (f"checkpoint {self.path(step)} is corrupt or incomplete "
-               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-               "skipping it and trying the previous one")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg)
+               f"({type(error).__name__}: {_first_line(error)}); skipping it and "
+               "trying the previous one")
+        self._warn(msg)
         bad.append(step)
         continue
       state = type(state_template)(**tree["train"])
-      result = (step, state, tree.get("average"), host)
+      average = tree.get("average") if want_average else None
+      result = (step, state, average, host)
       break
     if bad:
       self._quarantine(bad)
@@ -159,9 +171,9 @@ class Checkpointer:
       multihost_utils.sync_global_devices("bilevel_checkpoint_quarantine")
 
 
-def _check_finite_structure(tree: dict, template: dict) -> None:
-  if jax.tree.structure(tree) != jax.tree.structure(template):
-    raise ValueError("restored tree has another structure than the model")
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else ""
 
 
 def load_params(workdir: os.PathLike | str, step: Optional[int] = None,
@@ -177,7 +189,14 @@ def load_params(workdir: os.PathLike | str, step: Optional[int] = None,
     if not steps:
       raise FileNotFoundError(f"no checkpoint under {directory}; run training first")
     step = steps[-1] if step is None else int(step)
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Restore onto this process's first device, whatever topology saved it
+    # (e.g. a multi-host run), from the shapes and dtypes in the metadata.
+    meta = ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          meta)
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
   finally:
     manager.close()
   tree = out["state"]

@@ -18,7 +18,6 @@ out-of-range values and unknown solver/problem names raise one
 from __future__ import annotations
 
 import ast
-import dataclasses
 import hashlib
 import importlib.util
 import inspect
@@ -97,9 +96,21 @@ def split_spec(spec: str) -> tuple[str, Optional[str]]:
   return spec, None
 
 
+def available_configs() -> list[str]:
+  """Names of the config files in ``configs/`` (files defining ``get_config``)."""
+  out = []
+  for p in sorted(CONFIG_DIR.glob("*.py")):
+    try:
+      if not p.stem.startswith("_") and "def get_config" in p.read_text():
+        out.append(p.stem)
+    except OSError:
+      continue
+  return out
+
+
 def config_path(name: str) -> Path:
   """Resolves a config name (``mnist_rnn``) or a path (``configs/x.py``) to a file."""
-  available = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+  available = available_configs()
   if name.endswith(".py") or os.sep in name or "/" in name:
     path = Path(name)
     if not path.is_file():
@@ -224,10 +235,6 @@ def parse_value(text: str, like: Any) -> Any:
   return _literal(text)  # None or an unknown type: best guess
 
 
-def _valid_keys(node: Any, prefix: str) -> list[str]:
-  return [f"{prefix}.{k}" if prefix else k for k in sorted(node.keys())]
-
-
 def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
   """Sets ``config.<key>`` from the command-line string ``text`` (in place)."""
   parts = key.split(".")
@@ -250,12 +257,14 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
   if leaf in node:
     like = node[leaf]
   elif _may_add(parts):
-    like = None
+    like = OPTIMIZER[leaf][3] if parts[0] == "optimizer" else None
   else:
     raise ConfigError(_unknown_key_msg("config." + key, node, ".".join(parts[:-1])))
   try:
     value = parse_value(text, like)
   except ValueError as e:
+    if isinstance(like, (ml_collections.ConfigDict, dict)):
+      raise ConfigError(f"config.{key} {e}") from e
     raise ConfigError(f"bad value for config.{key}: {e}; the current value is "
                       f"{like!r} ({type(like).__name__})") from e
   try:
@@ -280,13 +289,20 @@ class _null:
 
 
 def _may_add(parts: Sequence[str]) -> bool:
-  """New keys are allowed below ``solvers.<name>`` (checked by building the solver)."""
-  return len(parts) >= 2 and parts[0] == "solvers"
+  """New keys are allowed below ``solvers.<name>`` (checked by building the solver)
+  and for the documented optimizer keys a config file may omit."""
+  if len(parts) >= 2 and parts[0] == "solvers":
+    return True
+  return len(parts) == 2 and parts[0] == "optimizer" and parts[1] in OPTIMIZER
 
 
 def _unknown_key_msg(full: str, node: Any, prefix: str) -> str:
-  keys = _valid_keys(node, ("config." + prefix) if prefix else "config")
-  return (f"unknown config key {full!r}; valid keys: {', '.join(keys)}")
+  names = set(node.keys())
+  if prefix == "optimizer":
+    names |= set(OPTIMIZER)
+  head = ("config." + prefix) if prefix else "config"
+  return (f"unknown config key {full!r}; valid keys: "
+          + ", ".join(f"{head}.{k}" for k in sorted(names)))
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -439,6 +455,6 @@ def to_json(config: Any) -> str:
   return json.dumps(to_dict(config), indent=2, sort_keys=True, default=repr)
 
 
-__all__ = ["ConfigError", "apply_override", "apply_overrides", "build_solver",
+__all__ = ["ConfigError", "apply_override", "available_configs", "apply_overrides", "build_solver",
            "config_label", "config_path", "load", "load_config_file", "optimizer_config",
            "parse_override_args", "solver_options", "split_spec", "to_dict", "validate"]

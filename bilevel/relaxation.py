@@ -24,6 +24,14 @@ class Relaxation:
   max_steps: int = 800
   steps_per_check: int = 1
 
+  def __post_init__(self):
+    if self.rtol < 0 or self.atol < 0:
+      raise ValueError(f"relaxation tolerances must be >= 0, got rtol={self.rtol}, "
+                       f"atol={self.atol}")
+    if self.max_steps < 0 or self.steps_per_check < 1:
+      raise ValueError(f"relaxation needs max_steps >= 0 and steps_per_check >= 1, got "
+                       f"{self.max_steps} and {self.steps_per_check}")
+
   def solve(self, field: fp.Field, z0: PyTree) -> fp.FixedPointResult:
     return fp.solve_fixed_point(field, z0, self.strategy, rtol=self.rtol,
                                 atol=self.atol, max_steps=self.max_steps,

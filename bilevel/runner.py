@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bilevel import config as cfglib
@@ -235,8 +234,12 @@ def summary_table(summary: dict) -> str:
           ("s/step (median)", _fmt(summary.get("seconds_per_step") or float("nan")))]
   for split in ("train", "eval"):
     metrics = summary.get(split) or {}
-    for k in KEY_METRICS + ("grad_norm",):
-      if k in metrics:
+    keys = [k for k in KEY_METRICS + ("grad_norm",) if k in metrics]
+    keys += sorted(k for k in metrics if k not in keys and
+                   any(w in k for w in ("accuracy", "loss")) and "ci95" not in k
+                   and "controlled_loss" not in k)
+    for k in keys:
+      if isinstance(metrics[k], (int, float)):
         rows.append((f"{split} {k}", _fmt(metrics[k])))
   if summary.get("skipped_batches"):
     rows.append(("skipped batches", summary["skipped_batches"]))
@@ -264,6 +267,7 @@ def plot_curves(metrics_path: os.PathLike | str, out_path: os.PathLike | str,
   cols = min(3, len(panels))
   rows = math.ceil(len(panels) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+  fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.86, wspace=0.3, hspace=0.5)
   for ax, key in zip(axes.flat, panels):
     for recs, label, style in ((train, "train", "-"), (evals, "eval", "o-")):
       pts = [(r["step"], r[key]) for r in recs
@@ -271,19 +275,20 @@ def plot_curves(metrics_path: os.PathLike | str, out_path: os.PathLike | str,
       if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, style, label=label, markersize=3)
-    ax.set_title(key)
-    ax.set_xlabel("step")
+    ax.set_title(key, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
     if key in ("loss", "free/residual", "mse", "grad_norm"):
       vals = [r[key] for r in records if isinstance(r.get(key), (int, float))
               and math.isfinite(r[key])]
       if vals and min(vals) > 0:
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
   out_path = Path(out_path)
   tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
   fig.savefig(tmp, dpi=90)
@@ -399,13 +404,18 @@ def run(config: Any, workdir: os.PathLike | str, *, config_name: str = "",
   state = init_train_state(task.problem, solver, optimizer, jax.random.key(config.seed),
                            task.example)
   state = replicate(state, mesh)
-  average = replicate(optim.init_average(state.params), mesh) if averaging else None
+  average_from = lambda params: replicate(optim.init_average(params), mesh)
+  average = average_from(state.params) if averaging else None
 
-  ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-  elapsed_before, skipped_logged, resumed_from = 0.0, 0, None
+  ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                      warn=lambda m: log(f"warning: {m}"))
+  elapsed_before, resumed_from = 0.0, None
   restored = ckpt.restore(state, average)
   if restored is not None:
-    resumed_from, state, average, host = restored
+    resumed_from, state, restored_avg, host = restored
+    if averaging:
+      average = (optim.Averaged(restored_avg["params"], restored_avg["count"])
+                 if restored_avg is not None else average_from(state.params))
     elapsed_before = float(host.get("elapsed_s", 0.0))
     if primary:
       truncate_metrics(metrics_path, resumed_from)
@@ -435,7 +445,7 @@ def run(config: Any, workdir: os.PathLike | str, *, config_name: str = "",
   last_train: dict = {}
   last_eval: dict = {}
   window_times: list[float] = []
-  t_window, steps_in_window, first_window = time.time(), 0, True
+  t_window, steps_in_window = time.time(), 0
   status, reason = "completed", ""
   evaluated_at = -1
 
@@ -469,30 +479,46 @@ def run(config: Any, workdir: os.PathLike | str, *, config_name: str = "",
 
   def flush(step: int, do_log: bool) -> None:
     """Fetches pending metrics, runs the failure checks, logs a line if ``do_log``."""
-    nonlocal pending_dev, pending_host, last_train, t_window, steps_in_window, first_window
+    nonlocal pending_dev, pending_host, t_window, steps_in_window
     fetched = to_host([m for _, m in pending_dev])
     for (s, _), m in zip(pending_dev, fetched):
       rec = {k: (bool(v) if np.asarray(v).dtype == np.bool_ else float(v))
              for k, v in m.items()}
       loss_bad = not math.isfinite(rec.get("loss", 0.0))
-      if (rec.get("nonfinite_update") or loss_bad) and not skip:
+      # A finite gradient whose norm overflows means a diverged relaxation too.
+      norm_bad = not math.isfinite(rec.get("grad_norm", 0.0))
+      if (rec.get("nonfinite_update") or loss_bad or norm_bad) and not skip:
         pending_host.append(rec)
         _log_window(s)
+        order = {"free": 0, "controlled": 1, "adjoint": 2}  # upstream phases first
+        diverged = sorted((k.split("/")[0] for k, v in rec.items()
+                           if k.endswith("/nonfinite_fraction") and v > 0),
+                          key=lambda p: (order.get(p, 9), p))
+        if diverged:
+          phase = diverged[0]
+          fix = (f"The {phase} relaxation diverged; damp it (e.g. "
+                 f"--config.solvers.{config.solver}.{phase}.strategy=anderson or a "
+                 f"smaller --config.solvers.{config.solver}.{phase}.strategy_options.dt),"
+                 " check that batch's data for NaN/inf, or pass "
+                 "--config.on_nonfinite=skip to skip such batches")
+        else:
+          fix = ("Lower --config.optimizer.learning_rate or set "
+                 "--config.optimizer.clip_norm, or pass --config.on_nonfinite=skip to "
+                 "skip such batches")
         fail(s, "the loss is not finite" if loss_bad else
-             f"the gradients are not finite (loss={_fmt(rec.get('loss'))})",
-             "Lower --config.optimizer.learning_rate or set "
-             "--config.optimizer.clip_norm, or pass --config.on_nonfinite=skip to "
-             "skip such batches")
+             f"the gradients are not finite (loss={_fmt(rec.get('loss'))}, "
+             f"grad_norm={_fmt(rec.get('grad_norm'))})" + (
+                 f"; non-finite states in the {' and '.join(diverged)} relaxation"
+                 + ("s" if len(diverged) > 1 else "")
+                 if diverged else ""), fix)
       pending_host.append(rec)
     pending_dev = []
-    if not skip and not bool(to_host(params_finite(state.params))):
+    if not bool(to_host(params_finite(state.params))):  # skipping cannot fix this
       fail(step, "the parameters are not finite",
            "Lower --config.optimizer.learning_rate or set --config.optimizer.clip_norm")
-    dt = time.time() - t_window
+    jax.block_until_ready(state.params)
     if steps_in_window:
-      if not first_window:
-        window_times.append(dt / steps_in_window)
-      first_window = False
+      window_times.append((time.time() - t_window) / steps_in_window)
     t_window, steps_in_window = time.time(), 0
     if do_log:
       _log_window(step)
@@ -529,18 +555,33 @@ def run(config: Any, workdir: os.PathLike | str, *, config_name: str = "",
   def one_step(state, average, batch, step):
     new_state, metrics = step_fn(state, batch)
     if averaging:
-      average = avg_update(average, new_state.params, jnp.asarray(step, jnp.int32))
+      average = avg_update(average, new_state.params, np.int32(step))
     return new_state, metrics, average
 
   if start >= total:
-    say(f"{workdir}: already complete at step {start}; nothing to train")
+    done = _read_summary(workdir)
+    if done.get("status") == "completed" and done.get("steps") == start:
+      bar.close()
+      ckpt.close()
+      log(f"{workdir}: already complete at step {start}; nothing to train "
+          "(delete the directory or pass another --workdir to train again)")
+      return done
+    evals = [r for r in read_jsonl(metrics_path)
+             if r.get("split") == "eval" and r.get("step") == start]
+    if evals:  # trained and evaluated, but stopped before the summary was written
+      evaluated_at = start
+      last_eval = {k: v for k, v in evals[-1].items() if k not in ("step", "split", "epoch")}
   try:
     for step in range(start, total):
       batch = place_batch(task.train_batch(step), mesh)
       # One assignment, so an interrupt never leaves state and average out of step.
       state, metrics, average = one_step(state, average, batch, step)
       pending_dev.append((step + 1, metrics))
-      steps_in_window += 1
+      if step == start:  # exclude compilation from the timings
+        jax.block_until_ready(state.params)
+        t_window, steps_in_window = time.time(), 0
+      else:
+        steps_in_window += 1
       s = step + 1
       do_log = s % log_every == 0 or s == total
       do_eval = eval_every > 0 and s % eval_every == 0 and s != total
@@ -553,6 +594,8 @@ def run(config: Any, workdir: os.PathLike | str, *, config_name: str = "",
             + ", ".join(f"{k}={_fmt(v)}" for k, v in last_eval.items()))
       if do_ckpt:
         save(s)
+      if do_log or do_eval or do_ckpt:
+        t_window = time.time()  # time training steps only, not evals and saves
       bar.update(1)
     if evaluated_at != total:
       last_eval = evaluate(total)
@@ -562,6 +605,9 @@ def run(config: Any, workdir: os.PathLike | str, *, config_name: str = "",
     status, reason = "failed", str(e)
   except KeyboardInterrupt:
     status, reason = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
+    if evaluated_at == total and int(to_host(state.step)) == total:
+      status, reason = "completed", ""  # only the bookkeeping was left
+      last_train = last_train or _last_logged(metrics_path, "train")
     # Keep the work done since the last checkpoint, if it is sound.
     done = int(to_host(state.step))
     if done > (last_good[0] if last_good else 0) and bool(
@@ -591,8 +637,6 @@ def run(config: Any, workdir: os.PathLike | str, *, config_name: str = "",
       "checkpoint": str(last_good[1]) if last_good else None,
       "polyak": averaging, "notes": task.notes, "finished_at": time.time(),
   }
-  if summary["seconds_per_step"] is None and final_step > start:
-    summary["seconds_per_step"] = summary["session_time_s"] / (final_step - start)
   if primary:
     atomic_write_text(workdir / "summary.json",
                       json.dumps(summary, indent=2, sort_keys=True, default=_json_default)
@@ -607,6 +651,13 @@ def run(config: Any, workdir: os.PathLike | str, *, config_name: str = "",
   if status == "interrupted":
     raise KeyboardInterrupt
   return summary
+
+
+def _read_summary(workdir: Path) -> dict:
+  try:
+    return json.loads((workdir / "summary.json").read_text())
+  except (OSError, json.JSONDecodeError):
+    return {}
 
 
 def _last_logged(path: Path, split: str) -> dict:

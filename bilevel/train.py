@@ -132,7 +132,8 @@ def make_train_step(problem: BilevelProblem, solver: Solver,
                                           (state.params, state.solver_params))
     params, solver_params = optax.apply_updates((state.params, state.solver_params),
                                                 updates)
-    finite = tu.tree_all_finite(grads) & jnp.isfinite(est.loss)
+    # The norm catches finite-but-overflowing updates (e.g. a blown-up control).
+    finite = jnp.isfinite(tu.tree_norm(grads)) & jnp.isfinite(est.loss)
     new = TrainState(state.step + 1, params, solver_params, opt_state, state.skipped)
     if skip_nonfinite:
       keep = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)

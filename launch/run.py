@@ -31,13 +31,16 @@ if str(_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 
 def _parser() -> argparse.ArgumentParser:
+  from bilevel import config as cfglib  # light: no jax import
+
   p = argparse.ArgumentParser(
-      prog="launch/run.py", description=__doc__.split("\n")[0],
+      prog="launch/run.py", description=__doc__,
       epilog="Override any config field with --config.KEY=VALUE "
              "(e.g. --config.optimizer.learning_rate=1e-3).",
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, metavar="NAME[:preset]",
-                 help="config name in configs/ (or a path to a .py file), optional preset")
+                 help="config name in configs/ (or a path to a .py file), optional "
+                      f"preset; available: {', '.join(cfglib.available_configs())}")
   p.add_argument("--workdir", default=None, help="work directory (default under runs/)")
   p.add_argument("--num_cpu_devices", type=int, default=None,
                  help="force N host devices (sets XLA_FLAGS before jax starts)")

@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "inr": "problems.inr:build",
     "mnist_ff": "problems.mnist:build_ff",
     "mnist_rnn": "problems.mnist:build_rnn",
+    "omniglot": "problems.omniglot:build",
     "toy": "problems.toy:build",
 }
 

@@ -62,10 +62,11 @@ def make_problem(opts: dict) -> BilevelProblem:
 
   def init_params(key, example):
     k1, k2 = jax.random.split(key)
-    w = jax.random.normal(k1, (n, n)) / jnp.sqrt(n)
+    f32 = jnp.float32  # float32 like the data, also when jax_enable_x64 is on
+    w = jax.random.normal(k1, (n, n), f32) / jnp.sqrt(f32(n))
     w = w * (gain / jnp.linalg.norm(w, 2))
-    u = jax.random.normal(k2, (n, n_in)) / jnp.sqrt(n_in)
-    return {"W": w, "U": u, "b": jnp.zeros((n,))}
+    u = jax.random.normal(k2, (n, n_in), f32) / jnp.sqrt(f32(n_in))
+    return {"W": w.astype(f32), "U": u, "b": jnp.zeros((n,), f32)}
 
   def dynamics(params, phi, ex):
     return -phi + params["W"] @ jnp.tanh(phi) + params["U"] @ ex["x"] + params["b"]

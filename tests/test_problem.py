@@ -64,3 +64,10 @@ def test_unknown_solver_option_lists_valid_options():
     solvers.get_solver("lcp_di", alpah=0.1)
   with pytest.raises(ValueError, match="unknown relaxation option"):
     solvers.get_solver("rbp", adjoint={"maxsteps": 3})
+
+
+def test_out_of_range_solver_options_are_rejected():
+  with pytest.raises(ValueError, match="alpha >= 0"):
+    solvers.get_solver("lcp_di", alpha=-0.1)
+  with pytest.raises(ValueError, match="max_steps >= 0"):
+    solvers.get_solver("rbp", adjoint={"max_steps": -1})

@@ -1,0 +1,182 @@
+"""Config loading, overrides and validation (bilevel/config.py), optimizer (bilevel/optim.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bilevel import config as cfglib
+from bilevel import optim
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(*pairs, spec="toy:quick"):
+  return cfglib.load(spec, list(pairs))
+
+
+# ----- loading -----------------------------------------------------------------
+
+def test_load_by_name_path_and_preset():
+  base = load(spec="toy")
+  quick = load(spec="toy:quick")
+  by_path = load(spec=str(ROOT / "configs" / "toy.py") + ":quick")
+  assert base.num_epochs == 2 and quick.num_epochs == 1
+  assert by_path.to_dict() == quick.to_dict()
+  assert cfglib.config_label("toy:quick") == "toy_quick"
+  assert cfglib.config_label("configs/toy.py") == "toy"
+
+
+@pytest.mark.parametrize("spec, expect", [
+    ("toyy", "unknown config 'toyy'; valid configs are:"),
+    ("toy:fast", "rejected preset 'fast'"),
+    ("/nonexistent/x.py", "does not exist"),
+])
+def test_bad_config_names(spec, expect):
+  with pytest.raises(cfglib.ConfigError, match=expect.replace("(", r"\(")):
+    cfglib.load(spec)
+
+
+@pytest.mark.parametrize("name", cfglib.available_configs())
+def test_every_shipped_config_validates(name):
+  """Every configs/NAME.py (with a get_config) follows the schema of docs/conventions.md."""
+  cfglib.load(name)
+  if "quick" in cfglib.config_path(name).read_text():
+    cfglib.load(f"{name}:quick")
+
+
+# ----- overrides -----------------------------------------------------------------
+
+def test_override_types():
+  c = load(("batch_size", "32"), ("optimizer.learning_rate", "3e-4"),
+           ("optimizer.name", "sgd"), ("optimizer.momentum", "0.9"),
+           ("solvers.lcp_di.alpha", "1"), ("problem_options.nan_batch_steps", "(1, 2)"),
+           ("optimizer.nesterov", "true"), ("max_nonconverged_fraction", "0"))
+  assert c.batch_size == 32 and isinstance(c.batch_size, int)
+  assert c.optimizer.learning_rate == 3e-4
+  assert c.optimizer.name == "sgd" and c.optimizer.momentum == 0.9
+  assert c.solvers.lcp_di.alpha == 1.0 and isinstance(c.solvers.lcp_di.alpha, float)
+  assert c.problem_options.nan_batch_steps == (1, 2)
+  assert c.optimizer.nesterov is True
+  assert c.max_nonconverged_fraction == 0.0
+
+
+def test_override_adds_nested_solver_options():
+  c = load(("solvers.lcp_di.controlled.max_steps", "77"),
+           ("solvers.rbp.adjoint_method", "fixed_point"), ("solver", "rbp"))
+  assert c.solvers.lcp_di.controlled.max_steps == 77
+  assert cfglib.solver_options(c) == {"adjoint": {"rtol": 1e-5, "max_steps": 200},
+                                      "adjoint_method": "fixed_point"}
+  assert cfglib.build_solver(c).adjoint.max_steps == 200
+
+
+def test_parse_override_args_both_syntaxes():
+  pairs, rest = cfglib.parse_override_args(
+      ["--config", "toy", "--config.seed=3", "--config.batch_size", "8", "--workdir", "w"])
+  assert pairs == [("seed", "3"), ("batch_size", "8")]
+  assert rest == ["--config", "toy", "--workdir", "w"]
+
+
+@pytest.mark.parametrize("pair, expect", [
+    (("solverz", "1"), "unknown config key 'config.solverz'; valid keys: config.batch_size"),
+    (("optimizer.lr", "1"), "unknown config key 'config.optimizer.lr'; valid keys:"),
+    (("problem_options.n_hiden", "3"), "unknown config key 'config.problem_options.n_hiden'"),
+    (("batch_size", "abc"), "bad value for config.batch_size: 'abc' is not an integer"),
+    (("batch_size", "0"), "config.batch_size = 0 is out of range; it must be > 0"),
+    (("seed", "-1"), "config.seed = -1 is out of range"),
+    (("optimizer.learning_rate", "-1e-3"), "learning_rate = -0.001 is out of range"),
+    (("optimizer.schedule", "linear"), "'constant', 'cosine' or 'step'"),
+    (("optimizer.name", "adamm"), "'adamm' is not an optax optimizer"),
+    (("on_nonfinite", "ignore"), "must be 'stop' or 'skip'"),
+    (("max_nonconverged_fraction", "1.5"), r"in \[0, 1\]"),
+    (("solver", "lcpdi"), "unknown solver 'lcpdi'; valid solvers: bp,"),
+    (("problem", "mnst"), "unknown problem 'mnst'; valid problems:"),
+    (("solvers.lcp_di.alpah", "1"), "solver 'lcp_di' has no option"),
+    (("solvers.lcp_di.controlled.max_stepz", "1"), "unknown relaxation option"),
+    (("solvers.lcp_di.controlled.strategy", "rk4"), "unknown fixed-point strategy 'rk4'"),
+    (("solvers.lcp_di", "3"), "is a group of options"),
+    (("optimizer.learning_rate", "nan"), "is not a number"),
+])
+def test_invalid_configs_give_one_clear_line(pair, expect):
+  with pytest.raises(cfglib.ConfigError, match=expect) as info:
+    load(pair)
+  assert "\n" not in str(info.value)
+
+
+def test_validate_catches_missing_and_extra_keys():
+  c = load()
+  with c.unlocked():
+    del c["keep_checkpoints"]
+  with pytest.raises(cfglib.ConfigError, match="lacks key.*keep_checkpoints"):
+    cfglib.validate(c)
+  c = load()
+  with c.unlocked():
+    c.extra = 1
+  with pytest.raises(cfglib.ConfigError, match="unknown config key 'config.extra'"):
+    cfglib.validate(c)
+
+
+def test_cli_bad_key_exits_2_with_one_line():
+  out = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--config", "toy",
+                        "--config.solverz=lcp"], capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'config.solverz'")
+  assert "Traceback" not in out.stderr
+
+
+# ----- optimizer ---------------------------------------------------------------------
+
+def _opt_cfg(**kw):
+  cfg = {k: spec[3] for k, spec in cfglib.OPTIMIZER.items()}
+  cfg.update(name="sgd", learning_rate=1.0)
+  cfg.update(kw)
+  return cfg
+
+
+def test_schedules():
+  cos = optim.learning_rate_schedule(_opt_cfg(schedule="cosine", final_lr_fraction=0.1),
+                                     total_steps=100, steps_per_epoch=10)
+  assert float(cos(0)) == pytest.approx(1.0)
+  assert float(cos(100)) == pytest.approx(0.1)
+  assert float(cos(50)) == pytest.approx(0.1 + 0.9 * 0.5)
+  step = optim.learning_rate_schedule(
+      _opt_cfg(schedule="step", decay_every_epochs=2, decay_factor=0.5),
+      total_steps=100, steps_per_epoch=10)
+  assert [float(step(s)) for s in (0, 19, 20, 39, 40)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+  const = optim.learning_rate_schedule(_opt_cfg(), 100, 10)
+  assert float(const(77)) == 1.0
+
+
+def test_optimizer_clip_and_weight_decay():
+  params = {"w": jnp.array([1.0, -2.0])}
+  grads = {"w": jnp.array([30.0, 40.0])}
+  opt = optim.make_optimizer(_opt_cfg(clip_norm=5.0), 10, 1)
+  upd, _ = opt.update(grads, opt.init(params), params)
+  np.testing.assert_allclose(upd["w"], [-3.0, -4.0], rtol=1e-6)
+  opt = optim.make_optimizer(_opt_cfg(weight_decay=0.1), 10, 1)  # sgd: L2 added
+  upd, _ = opt.update(grads, opt.init(params), params)
+  np.testing.assert_allclose(upd["w"], [-30.1, -39.8], rtol=1e-6)
+  opt = optim.make_optimizer(_opt_cfg(name="adamw", weight_decay=0.1), 10, 1)
+  assert opt.update(grads, opt.init(params), params)[0]["w"].shape == (2,)
+
+
+def test_polyak_and_ema_averages():
+  xs = [jnp.array(float(v)) for v in (1.0, 2.0, 6.0, 3.0)]
+  uniform = optim.make_average_update(start_step=1, decay=0.0)
+  avg = optim.init_average(xs[0])
+  for step, x in enumerate(xs):
+    avg = uniform(avg, x, jnp.asarray(step))
+  assert float(avg.params) == pytest.approx(np.mean([2.0, 6.0, 3.0]))  # from step 1 on
+  assert int(avg.count) == 3
+  ema = optim.make_average_update(start_step=0, decay=0.5)
+  avg = optim.init_average(xs[0])
+  for step, x in enumerate(xs):
+    avg = ema(avg, x, jnp.asarray(step))
+  expect = 1.0
+  for x in (2.0, 6.0, 3.0):
+    expect = 0.5 * expect + 0.5 * x
+  assert float(avg.params) == pytest.approx(expect)
