@@ -45,6 +45,11 @@ class LeastControl(Solver):
   controlled: Relaxation = Relaxation(strategy=fp.Anderson(dt=0.5, memory=5), rtol=1e-6,
                                       max_steps=800)
 
+  def __post_init__(self):
+    if self.alpha < 0 or self.k_i <= 0 or self.k_p < 0:
+      raise ValueError(f"{self.name}: need alpha >= 0, k_i > 0 and k_p >= 0; got "
+                       f"alpha={self.alpha}, k_i={self.k_i}, k_p={self.k_p}")
+
   @property
   def controller(self) -> lc.OutputController:
     return lc.OutputController(self.alpha, self.k_i, self.k_p)
