@@ -25,13 +25,14 @@ and a deep equilibrium model (DEQ), both stated for ONE example.
   BatchNorm of the reference implementation is replaced by per-example
   GroupNorm: problems here are stated for one example.
 
-Convolutions use :func:`conv2d`, whose VJP is written with standard
-``HWIO`` kernels. On CPU (jax 0.10.2) XLA runs the convolutions that jax's
-own transpose rule emits (kernel dimension numbers ``HWOI``) 70-90x slower
-inside a ``while_loop`` body than in straight-line code, and the input VJP is
-exactly what the adjoint (rbp) and dynamic-inversion (lcp_di/kp) relaxations
-iterate; see ``benchmarks/results/speed_cifar.md``. ``conv_impl="xla"`` keeps
-jax's rule (needed for forward-over-reverse, e.g. ``jax.hessian``).
+Convolutions use :func:`conv2d`, whose input VJP is written with a standard
+``HWIO`` kernel. On CPU (jax 0.10.2) XLA runs the convolutions that jax's own
+transpose rule emits (kernel dimension numbers ``[0, 1, o, i]``) 5-80x slower
+inside a ``while_loop`` body than in straight-line code, while forward
+convolutions lose little; the input VJP is exactly what the adjoint (rbp) and
+dynamic-inversion (lcp_di/kp) relaxations iterate. See
+``benchmarks/results/speed_cifar.md``. ``conv_impl="xla"`` keeps jax's rule
+(needed for forward-over-reverse, e.g. ``jax.hessian``).
 
 Data: :func:`problems.datasets.load_cifar10` (``data_dir`` or
 ``$BILEVEL_DATA_DIR``; lossless python batches, else the LOSSY JPEG copy,
@@ -130,7 +131,14 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1,
     raise ValueError(f"padding {pads} larger than kernel size - 1 is not supported")
   strides = (int(stride), int(stride))
   if impl == "loop":
-    out = _loop_friendly_conv(x[None], w, strides, pads)
+    # Input cotangents from the custom rule, kernel cotangents from jax's rule:
+    # the kernel cotangent is only needed outside loops (the one VJP of the
+    # update), where jax's rule on the whole batch beats a per-example custom
+    # rule under vmap. Both terms are the same convolution (XLA computes it
+    # once), and a + b - b == a exactly when a == b.
+    xb, sg = x[None], lax.stop_gradient
+    native = _xla_conv(sg(xb), w, strides, pads)
+    out = _loop_friendly_conv(xb, sg(w), strides, pads) + native - sg(native)
   elif impl == "xla":
     out = _xla_conv(x[None], w, strides, pads)
   else:
@@ -161,26 +169,35 @@ def avg_pool(x: jax.Array, size: int) -> jax.Array:
   return x.reshape(h // size, size, w // size, size, c).mean(axis=(1, 3))
 
 
-def _uniform(key, shape, fan_in, scale=1.0):
-  bound = scale / math.sqrt(fan_in)
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+def _float_dtype(ex, key="x"):
+  """Parameters take the example's float dtype (float32 unless x64 data)."""
+  if ex is None:
+    return jnp.float32
+  dtype = jnp.asarray(ex[key]).dtype
+  return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
 
 
-def _dense_init(key, n_in, n_out):
+def _uniform(key, shape, fan_in, dtype=jnp.float32):
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _dense_init(key, n_in, n_out, dtype=jnp.float32):
   k1, k2 = jax.random.split(key)
-  return {"w": _uniform(k1, (n_in, n_out), n_in), "b": _uniform(k2, (n_out,), n_in)}
+  return {"w": _uniform(k1, (n_in, n_out), n_in, dtype),
+          "b": _uniform(k2, (n_out,), n_in, dtype)}
 
 
-def _conv_init(key, k, c_in, c_out, bias=True, std=None):
+def _conv_init(key, k, c_in, c_out, bias=True, std=None, dtype=jnp.float32):
   k1, k2 = jax.random.split(key)
   fan_in = k * k * c_in
-  w = (std * jax.random.normal(k1, (k, k, c_in, c_out)) if std is not None
-       else _uniform(k1, (k, k, c_in, c_out), fan_in))
-  return {"w": w, "b": _uniform(k2, (c_out,), fan_in)} if bias else {"w": w}
+  w = (std * jax.random.normal(k1, (k, k, c_in, c_out), dtype) if std is not None
+       else _uniform(k1, (k, k, c_in, c_out), fan_in, dtype))
+  return {"w": w, "b": _uniform(k2, (c_out,), fan_in, dtype)} if bias else {"w": w}
 
 
-def _gn_init(c):
-  return {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))}
+def _gn_init(c, dtype=jnp.float32):
+  return {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)}
 
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -251,11 +268,12 @@ def ff_problem(image_shape: Sequence[int] = (32, 32, 3),
   state_shapes = tuple(shapes) + tuple((n,) for n in hidden) + ((num_classes,),)
 
   def init_params(key, ex=None):
+    dt = _float_dtype(ex)
     keys = jax.random.split(key, 1 + len(channels) + len(dense_sizes))
-    params = {"enc": _conv_init(keys[0], enc_kernel, c_in, channels[0])}
-    params["conv"] = [_conv_init(keys[1 + i], kernel, ci, co)
+    params = {"enc": _conv_init(keys[0], enc_kernel, c_in, channels[0], dtype=dt)}
+    params["conv"] = [_conv_init(keys[1 + i], kernel, ci, co, dtype=dt)
                       for i, (ci, co) in enumerate(zip(channels[:-1], channels[1:]))]
-    params["dense"] = [_dense_init(keys[1 + len(channels) + j], ni, no)
+    params["dense"] = [_dense_init(keys[1 + len(channels) + j], ni, no, dt)
                        for j, (ni, no) in enumerate(zip(dense_sizes[:-1], dense_sizes[1:]))]
     return params
 
@@ -294,14 +312,17 @@ def ff_depth(problem_options) -> int:
 def deq_problem(image_shape: Sequence[int] = (32, 32, 3), channels: int = 48,
                 inner_channels: int = 64, num_classes: int = 10, *,
                 kernel: int = 3, groups: int = 8, pool: int = 8, block_init_std: float = 0.01,
-                conv_impl: str = "loop", example: PyTree = None) -> BilevelProblem:
+                activation: str = "relu", conv_impl: str = "loop",
+                example: PyTree = None) -> BilevelProblem:
   """A DEQ: residual conv block with group norm repeated to equilibrium.
 
   State: ``(z [H, W, channels], logits [num_classes])``; see the module
   docstring for f. ``pool`` is the side of the decoder's average pooling
   (32 / 8 -> a 4x4 grid, as in the reference DEQ). The block's convolutions
   start at ``N(0, block_init_std^2)``, so the block starts contractive.
+  ``activation`` replaces both ReLUs (a smooth one for Hessian-based tests).
   """
+  act = _activation(activation)
   height, width, c_in = (int(v) for v in image_shape)
   if channels % groups or inner_channels % groups:
     raise ProblemError(f"deq_problem: channels ({channels}) and inner_channels "
@@ -311,16 +332,18 @@ def deq_problem(image_shape: Sequence[int] = (32, 32, 3), channels: int = 48,
   n_read = (height // pool) * (width // pool) * channels
 
   def init_params(key, ex=None):
+    dt = _float_dtype(ex)
     k = jax.random.split(key, 4)
     return {
-        "enc": {**_conv_init(k[0], kernel, c_in, channels), "gn": _gn_init(channels)},
+        "enc": {**_conv_init(k[0], kernel, c_in, channels, dtype=dt),
+                "gn": _gn_init(channels, dt)},
         "block": {"conv1": _conv_init(k[1], kernel, channels, inner_channels, bias=False,
-                                      std=block_init_std),
+                                      std=block_init_std, dtype=dt),
                   "conv2": _conv_init(k[2], kernel, inner_channels, channels, bias=False,
-                                      std=block_init_std),
-                  "gn1": _gn_init(inner_channels), "gn2": _gn_init(channels),
-                  "gn3": _gn_init(channels)},
-        "out": _dense_init(k[3], n_read, num_classes),
+                                      std=block_init_std, dtype=dt),
+                  "gn1": _gn_init(inner_channels, dt), "gn2": _gn_init(channels, dt),
+                  "gn3": _gn_init(channels, dt)},
+        "out": _dense_init(k[3], n_read, num_classes, dt),
     }
 
   def gn(x, p):
@@ -330,8 +353,8 @@ def deq_problem(image_shape: Sequence[int] = (32, 32, 3), channels: int = 48,
     z, logits = state
     enc, blk = params["enc"], params["block"]
     x_e = gn(conv2d(ex["x"], enc["w"], 1, "SAME", conv_impl) + enc["b"], enc["gn"])
-    y = gn(jax.nn.relu(conv2d(z, blk["conv1"]["w"], 1, "SAME", conv_impl)), blk["gn1"])
-    z_new = gn(jax.nn.relu(z + gn(x_e + conv2d(y, blk["conv2"]["w"], 1, "SAME", conv_impl),
+    y = gn(act(conv2d(z, blk["conv1"]["w"], 1, "SAME", conv_impl)), blk["gn1"])
+    z_new = gn(act(z + gn(x_e + conv2d(y, blk["conv2"]["w"], 1, "SAME", conv_impl),
                                   blk["gn2"])), blk["gn3"])
     read = avg_pool(z, pool).reshape(-1) @ params["out"]["w"] + params["out"]["b"]
     return (z_new - z, read - logits)
@@ -479,4 +502,5 @@ def build_deq(config) -> Task:
   o = config.problem_options
   return _classification_task(config, lambda ex: deq_problem(
       (32, 32, 3), o.channels, o.inner_channels, 10, kernel=o.kernel, groups=o.groups,
-      pool=o.pool, block_init_std=o.block_init_std, conv_impl=o.conv_impl, example=ex))
+      pool=o.pool, block_init_std=o.block_init_std, activation=o.get("activation", "relu"),
+      conv_impl=o.conv_impl, example=ex))

@@ -79,14 +79,14 @@ class EquilibriumNet(hk.Module):
   """The vector field of eq. 11 for one example; ``__call__(state, x) -> dstate``."""
 
   def __init__(self, shape: str, width: int, activation: str = "tanh",
-               name: Optional[str] = None):
+               input_dim: int = INPUT_DIM, name: Optional[str] = None):
     super().__init__(name=name)
-    self.shape, self.width = shape, width
+    self.shape, self.width, self.input_dim = shape, width, input_dim
     self.sigma = ACTIVATIONS[activation][0]
 
   def __call__(self, state: PyTree, x: jax.Array) -> PyTree:
     w = self.width
-    drive = _torch_linear(w, INPUT_DIM, "input")(x)  # U x + b
+    drive = _torch_linear(w, self.input_dim, "input")(x)  # U x + b
     readout = _torch_linear(NUM_CLASSES, w, "readout")
     if self.shape == "ff":
       h1, h2 = state["hidden"]
@@ -106,22 +106,24 @@ def zero_state(shape: str, width: int, dtype=jnp.float32) -> PyTree:
 
 
 def make_problem(shape: str, width: int = 256, *, activation: str = "tanh",
-                 loss_scale: float = 1.0) -> EquilibriumNetProblem:
+                 loss_scale: float = 1.0, input_dim: int = INPUT_DIM) -> EquilibriumNetProblem:
   """The equilibrium network of eq. 11 with a cross-entropy loss on ``out``.
 
-  One example is ``{"x": [784] float, "label": int}``. ``loss_scale``
-  multiplies the per-example cross-entropy (see the module docstring).
+  One example is ``{"x": [input_dim] float, "label": int}``. ``loss_scale``
+  multiplies the per-example cross-entropy (see the module docstring). Params
+  take the dtype of the example's ``x`` given to ``init_params``.
   """
   if shape not in SHAPES:
     raise ValueError(f"network shape must be one of {SHAPES}, got {shape!r}")
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
   net = hk.without_apply_rng(hk.transform(
-      lambda state, x: EquilibriumNet(shape, width, activation, name=f"mnist_{shape}")(state, x)))
+      lambda state, x: EquilibriumNet(shape, width, activation, input_dim,
+                                      name=f"mnist_{shape}")(state, x)))
   d_sigma = ACTIVATIONS[activation][1]
 
   def init_params(key, example):
-    return net.init(key, zero_state(shape, width), example["x"])
+    return net.init(key, zero_state(shape, width, example["x"].dtype), example["x"])
 
   def dynamics(params, state, example):
     return net.apply(params, state, example["x"])
@@ -140,7 +142,7 @@ def make_problem(shape: str, width: int = 256, *, activation: str = "tanh",
     return {"hidden": tuple(d_sigma(h) for h in state["hidden"]),
             "out": jnp.ones_like(state["out"])}
 
-  example = {"x": jnp.zeros(INPUT_DIM, jnp.float32), "label": jnp.zeros((), jnp.int32)}
+  example = {"x": jnp.zeros(input_dim, jnp.float32), "label": jnp.zeros((), jnp.int32)}
   return EquilibriumNetProblem(
       dynamics=dynamics, loss=loss, output=lambda state: state["out"],
       init_state=lambda params, ex: zero_state(shape, width, ex["x"].dtype),

@@ -12,8 +12,12 @@ from typing import Any, Mapping
 from bilevel.relaxation import Relaxation, relaxation_from_config
 from solvers.base import GradientEstimate, Solver
 from solvers.bp import Backprop
+from solvers.cml import ContrastiveMetaLearning
+from solvers.first_order import FirstOrderMAML, Reptile
 from solvers.lcp import DirectControl, DynamicInversion, EnergyBased, KolenPollack
+from solvers.lcp_lf import LinearFeedback
 from solvers.rbp import ImplicitMAML, RecurrentBackprop
+from solvers.t1t2 import T1T2
 
 REGISTRY: dict[str, type[Solver]] = {
     "bp": Backprop,
@@ -23,8 +27,13 @@ REGISTRY: dict[str, type[Solver]] = {
     "lcp_kp": KolenPollack,
     "lcp_ebd": EnergyBased,
     "lcp_direct": DirectControl,
+    "lcp_lf": LinearFeedback,
     # The meta-learning rule of eqs. 17-18 is direct control of the fast weights.
     "lcp": DirectControl,
+    "cml": ContrastiveMetaLearning,
+    "fomaml": FirstOrderMAML,
+    "reptile": Reptile,
+    "t1t2": T1T2,
 }
 
 

@@ -1,0 +1,25 @@
+"""MNIST, equilibrium RNN (one fully connected recurrent layer of 256 tanh units).
+
+    python launch/run.py --config mnist_rnn --config.solver=lcp_di
+    python launch/run.py --config mnist_rnn:quick --config.solver=rbp
+
+Same presets and conventions as ``configs/mnist_ff.py`` (whose ``build`` this
+reuses); RNN-specific defaults from the authors' commands: gradient-norm clip
+10 (10 / batch_size on our gradient scale), baseline RBP, EBD Adam lr 1e-3 for
+200 steps started at the free equilibrium.
+"""
+
+import importlib.util
+from pathlib import Path
+
+
+def _mnist_ff():
+  path = Path(__file__).with_name("mnist_ff.py")
+  spec = importlib.util.spec_from_file_location("_bilevel_config_mnist_ff_shared", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(preset=None):
+  return _mnist_ff().build("rnn", preset)
