@@ -466,11 +466,13 @@ def run(config: Any, workdir: os.PathLike | str, *, config_name: str = "",
 
   def evaluate(step: int) -> dict:
     nonlocal evaluated_at
-    evaluated_at = step
     if task.evaluate is None:
+      evaluated_at = step
       return {}
     params = average.params if averaging else state.params
     out = {k: float(v) for k, v in task.evaluate(to_host(params), solver).items()}
+    # Only after the result exists: an interrupted evaluation must not count as done.
+    evaluated_at = step
     if primary:
       append_jsonl(metrics_path, {"step": step, "split": "eval", "epoch": step / spe,
                                   **{k: _finite_or_none(v) for k, v in out.items()}})
