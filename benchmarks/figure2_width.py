@@ -7,8 +7,9 @@ after training, against the width of an equilibrium RNN trained by LCP-DI on MNI
 trains ``mnist_rnn:<preset>`` with ``lcp_di`` at each width through
 ``launch/sweep.py`` (resumable) and plots, per width, the training
 cross-entropy at the free equilibrium (on ``eval_train_examples`` training
-examples after the last step) and ``||psi*||`` (mean over the examples of the
-last logging window of training, i.e. the last ``log_every_steps`` batches).
+examples after the last step) and ``sqrt(2H)`` with ``H = mean ||psi*||^2 / 2``
+over the examples of the last logging window of training (the last
+``log_every_steps`` batches).
 Writes ``benchmarks/results/figure2_width.png`` and a markdown table next to it
 (``figure2_width.md``) with the command and machine.
 """
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
@@ -57,7 +59,8 @@ def main(argv=None) -> int:
     if s.get("status") != "completed":
       continue
     width = int(path.parent.parent.name.split("=")[-1])
-    points.append((width, s["seed"], s["eval"]["train/cross_entropy"], s["train"]["psi_norm"],
+    points.append((width, s["seed"], s["eval"]["train/cross_entropy"],
+                   (2.0 * s["train"]["H"]) ** 0.5,
                    s["eval"]["train/accuracy"], s["eval"]["test/accuracy"],
                    s["train"].get("controlled/iterations", float("nan"))))
   points.sort()
@@ -68,7 +71,6 @@ def main(argv=None) -> int:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
-  import jax  # noqa: PLC0415
 
   widths = sorted({p[0] for p in points})
   mean = lambda i, w: sum(p[i] for p in points if p[0] == w) / sum(p[0] == w for p in points)
@@ -81,17 +83,13 @@ def main(argv=None) -> int:
   ax.set_title(f"MNIST RNN, LCP-DI, {args.epochs} epochs", fontsize=10)
   ax.legend()
   fig.tight_layout()
-  args.results.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(args.results, dpi=150)
+  from benchmarks import common  # noqa: PLC0415
+  from bilevel.runner import atomic_savefig, atomic_write_text  # noqa: PLC0415
+  atomic_savefig(fig, args.results, dpi=150)
 
-  try:
-    model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                 if l.startswith("model name"))
-  except (OSError, StopIteration):
-    model = "?"
   lines = ["# Figure 2: training loss and amount of control vs RNN width (LCP-DI)", "",
            f"![figure 2]({args.results.name})", "",
-           "| width | seed | train CE (10k train ex.) | ‖ψ*‖ (last 100 steps) | train acc. | "
+           "| width | seed | train CE (10k train ex.) | √(2H) (last 100 steps) | train acc. | "
            "test acc. | controlled iters |", "|---|---|---|---|---|---|---|"]
   for w, seed, ce, psi, tr, te, it in points:
     lines.append(f"| {w} | {seed} | {ce:.4f} | {psi:.4f} | {100 * tr:.2f} | {100 * te:.2f} "
@@ -100,10 +98,9 @@ def main(argv=None) -> int:
             f"- which ran: `python {' '.join(cmd[1:])}`",
             "- ‖ψ*‖ uses the authors' loss convention (CE / batch size per example, "
             "see configs/mnist_ff.py); L is the plain mean cross-entropy.",
-            f"- machine: {os.cpu_count()}-core CPU ({model}), shared; jax {jax.__version__}, "
-            "float32",
+            f"- machine: {common.machine_description()}, float32",
             f"- written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
-  args.results.with_suffix(".md").write_text("\n".join(lines))
+  atomic_write_text(args.results.with_suffix(".md"), "\n".join(lines))
   print("\n".join(lines))
   return 0
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from problems import cifar  # noqa: E402
 
 DN = cifar.DN
@@ -149,17 +149,16 @@ def solver_rows(names: list[str], steps: int, anderson: bool, preset: str = "qui
   from bilevel.train import data_mesh, init_train_state, make_train_step  # noqa: PLC0415
 
   rows = []
+  presets = [preset] + ([f"{preset}+anderson" if preset else "anderson"] if anderson else [])
   for name in names:
-    plain = preset
-    presets = [plain] + ([f"{plain}+anderson" if plain else "anderson"] if anderson else [])
-    for preset in presets:
-      spec = f"{name}:{preset}" if preset else name
+    for variant_preset in presets:
+      spec = f"{name}:{variant_preset}" if variant_preset else name
       base = cfglib.load(spec)
       task = problems.make_task(base)
       for solver_name, overrides in CASES[name]:
         if overrides and not variants:
           continue
-        if preset != plain and (overrides or solver_name == "bp"):
+        if variant_preset != preset and (overrides or solver_name == "bp"):
           continue  # Anderson rows: the default variant of each iterative solver only
         config = cfglib.load(spec)
         config.solver = solver_name
@@ -191,26 +190,13 @@ def solver_rows(names: list[str], steps: int, anderson: bool, preset: str = "qui
               iters.setdefault(k.split("/")[0], []).append(float(v))
         it = ", ".join(f"{k} {np.mean(v):.1f}" for k, v in sorted(iters.items()))
         variant = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()) or "default"
-        strategy = "anderson" if "anderson" in (preset or "") else "euler"
+        strategy = "anderson" if "anderson" in variant_preset else "euler"
         if name == "inr" and solver_name == "lcp_di":
           strategy += " (controlled: anderson)"
         rows.append(f"| {name} | {solver_name} | {variant} | {strategy} | "
                     f"{statistics.median(times):.3f} | {compile_s:.0f} | {it} |")
         print(rows[-1], flush=True)
   return rows
-
-
-def machine() -> str:
-  cpu = platform.processor() or "cpu"
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return (f"{os.cpu_count()} cores of {cpu}; jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}; load average at start {os.getloadavg()[0]:.1f}")
 
 
 def main(argv=None) -> int:
@@ -229,7 +215,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=str(ROOT / "benchmarks/results/speed_cifar.md"))
   args = p.parse_args(argv)
   command = "python benchmarks/speed_cifar.py " + " ".join(argv or sys.argv[1:])
-  header = [f"Machine: {machine()}.", ""]
+  header = [f"Machine: {common.machine_with_load()}.", ""]
   out = []
   if args.part in ("all", "micro"):
     out += ["## 1. Convolutions inside loop bodies (CPU)", ""] + micro(args.micro_batch, args.micro_n)
@@ -246,9 +232,11 @@ def main(argv=None) -> int:
     out += solver_rows(args.problems.split(","), args.steps, not args.no_anderson,
                        args.preset, not args.no_variants)
   footer = ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
-  text = "\n".join([f"Command: `{command.strip()}`", ""] + header + out + footer) + "\n"
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(text)
+  title = ["# Speed of the conv / DEQ / INR problems: convolutions in loops, s/step, iterations",
+           ""]
+  text = "\n".join(title + [f"Command: `{command.strip()}`", ""] + header + out + footer) + "\n"
+  from bilevel.runner import atomic_write_text  # noqa: PLC0415
+  atomic_write_text(args.out, text)
   print(f"wrote {args.out}")
   return 0
 

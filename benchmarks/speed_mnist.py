@@ -123,8 +123,8 @@ def main(argv=None) -> int:
       print(net, key, rows[(net,) + key], flush=True)
 
   text = report(rows, args, argv)
-  args.results.parent.mkdir(parents=True, exist_ok=True)
-  args.results.write_text(text)
+  from bilevel.runner import atomic_write_text  # noqa: PLC0415
+  atomic_write_text(args.results, text)
   print(text)
   return 0
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import problems  # noqa: E402
+from benchmarks import common  # noqa: E402
 import solvers  # noqa: E402
 from bilevel import config as cfglib  # noqa: E402
 from bilevel.relaxation import relaxation_from_config  # noqa: E402
@@ -51,22 +51,6 @@ from bilevel.train import data_mesh, init_train_state, make_train_step, replicat
 from configs import omniglot as omniglot_config  # noqa: E402
 
 ALL_SOLVERS = ("lcp", "cml", "imaml", "rbp", "t1t2", "fomaml", "reptile", "bp")
-
-
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  dev = jax.devices()[0]
-  load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-  return (f"{dev.platform}: {getattr(dev, 'device_kind', '')}; host CPU {cpu}, "
-          f"{os.cpu_count()} cores; jax {jax.__version__}; load average "
-          f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
 
 
 def _time(fn, *args, reps: int = 3) -> float:
@@ -220,7 +204,7 @@ def main(argv=None) -> int:
   names = args.solvers.split(",")
   out = ["# Omniglot complex-synapse solvers: speed and memory", "",
          f"Command: `python benchmarks/speed_omniglot.py {' '.join(argv or sys.argv[1:])}`",
-         "", f"Machine: {_machine()}", ""]
+         "", f"Machine: {common.machine_with_load()}", ""]
   if "inner" in parts:
     out += ["## Inner step (free relaxation, conv-4 64 channels, 20 support images 28x28)", ""]
     out += inner_table(args.steps, args.reps) + [""]
@@ -232,8 +216,8 @@ def main(argv=None) -> int:
             f"`{args.scale}`; nudged phases k/2, controlled / adjoint k)", ""]
     out += memory_table(args.scale, names, ks) + [""]
   out += [f"Finished with load average {os.getloadavg()[0]:.1f}.", ""]
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text("\n".join(out) + "\n")
+  from bilevel.runner import atomic_write_text  # noqa: PLC0415
+  atomic_write_text(args.out, "\n".join(out) + "\n")
   print(f"wrote {args.out}")
   return 0
 

@@ -15,11 +15,7 @@ runs; extra ``--config.KEY=VALUE`` arguments go to every run (e.g.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
 
 METHODS = (("LCP - LF", "lcp_lf", "lcp_lf"), ("LCP - DI", "lcp_di", "lcp_di"),
            ("LCP - DI (KP)", "lcp_kp", "lcp_kp"), ("LCP - EBD", "lcp_ebd", "lcp_ebd"),
@@ -52,20 +50,10 @@ def run_sweeps(args, overrides: list[str]) -> list[str]:
   commands = []
   nets, methods = selected(args)
   for _, config, col in nets:
-    solvers = ",".join(m[1 + col] for m in methods)
-    where = sweepdir(args.out, config, args.preset)
-    try:
-      where = where.relative_to(ROOT)
-    except ValueError:
-      pass
-    cmd = [sys.executable, "launch/sweep.py", "--config",
-           f"{config}:{args.preset}" if args.preset != "paper" else config,
-           "--solvers", solvers, "--seeds", args.seeds, "--workers", str(args.workers),
-           "--sweepdir", str(where), *overrides]
-    commands.append(" ".join(cmd[1:]))
-    if not args.report_only:
-      print("+", " ".join(cmd[1:]), flush=True)
-      subprocess.run(cmd, cwd=ROOT, check=False)
+    commands.append(common.run_sweep(
+        f"{config}:{args.preset}" if args.preset != "paper" else config,
+        [m[1 + col] for m in methods], args.seeds, sweepdir(args.out, config, args.preset),
+        overrides, args.workers, execute=not args.report_only))
   return commands
 
 
@@ -73,26 +61,18 @@ def collect(args, preset: str) -> dict:
   """{(net, method): [summary, ...]} from the sweeps' run directories."""
   found: dict = {}
   for net, config, col in NETS:
-    base = sweepdir(args.out, config, preset) / "runs"
     for label, *names in METHODS:
-      for summary_path in sorted((base / names[col]).glob("**/summary.json")):
-        s = json.loads(summary_path.read_text())
-        if s.get("status") == "completed":
-          found.setdefault((net, label), []).append(s)
+      summaries = common.completed_summaries(sweepdir(args.out, config, preset), names[col])
+      if summaries:
+        found[(net, label)] = summaries
   return found
 
 
-def _cell(summaries: list[dict]) -> tuple[str, list[float]]:
-  accs = [100 * s["eval"]["test/accuracy"] for s in summaries]
-  if not accs:
-    return "--", []
-  mean = statistics.mean(accs)
-  std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-  return (f"{mean:.2f} ± {std:.2f}" if len(accs) > 1 else f"{mean:.2f}"), accs
+def _accs(summaries: list[dict]) -> list[float]:
+  return [100 * s["eval"]["test/accuracy"] for s in summaries]
 
 
 def report(args, commands: list[str], overrides: list[str]) -> str:
-  import jax  # noqa: PLC0415
   found = collect(args, args.preset)
   lines = ["# Table 1: MNIST test accuracy (%), mean ± std over seeds", "",
            f"Preset `{args.preset}`" + (f", overrides `{' '.join(overrides)}`" if overrides
@@ -106,7 +86,8 @@ def report(args, commands: list[str], overrides: list[str]) -> str:
     row = [label]
     for net, _, col in NETS:
       summaries = found.get((net, label), [])
-      text, accs = _cell(summaries)
+      accs = _accs(summaries)
+      text = common.format_mean_std(accs)
       paper = PAPER[label][col]
       delta = f"{statistics.mean(accs) - paper[0]:+.2f}" if accs else "--"
       row += [text, f"{paper[0]:.2f} ± {paper[1]:.2f}", delta]
@@ -115,9 +96,9 @@ def report(args, commands: list[str], overrides: list[str]) -> str:
     for label, *names in METHODS:
       summaries = found.get((net, label), [])
       if summaries:
-        _, accs = _cell(summaries)
+        accs = _accs(summaries)
         epochs = sorted({round(s["epochs"], 2) for s in summaries})
-        secs = statistics.median(s["seconds_per_step"] or float("nan") for s in summaries)
+        secs = common.median_or_nan(s["seconds_per_step"] for s in summaries)
         detail.append(f"| {net} | {label} | {names[col]} | "
                       f"{','.join(str(s['seed']) for s in summaries)} | "
                       f"{','.join(str(e) for e in epochs)} | "
@@ -129,31 +110,26 @@ def report(args, commands: list[str], overrides: list[str]) -> str:
                  "| Net | Method | seeds | epochs | test acc. per seed | s/step (median) |",
                  "|---|---|---|---|---|---|"]
       for (net, label), summaries in sorted(extra.items()):
-        _, accs = _cell(summaries)
+        accs = _accs(summaries)
         detail.append(f"| {net} | {label} | {','.join(str(x['seed']) for x in summaries)} | "
                       f"{','.join(str(round(x['epochs'], 2)) for x in summaries)} | "
                       f"{', '.join(f'{a:.2f}' for a in accs)} | "
-                      f"{statistics.median(x['seconds_per_step'] or float('nan') for x in summaries):.4f} |")
-  cpu = platform.processor() or platform.machine()
-  try:
-    model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                 if l.startswith("model name"))
-  except (OSError, StopIteration):
-    model = cpu
+                      f"{common.median_or_nan(x['seconds_per_step'] for x in summaries):.4f} |")
+  m = common.machine_info()
   lines += detail + ["", "## How it ran", "",
                      f"- this file: `python benchmarks/table1_mnist.py {' '.join(sys.argv[1:])}`",
                      "- the sweeps behind it (resumable; re-run to finish missing seeds):"] + [
-                     f"  - `python {c}`" for c in commands] + [
-      f"- machine: {os.cpu_count()}-core CPU ({model}), shared with other jobs; "
-      f"jax {jax.__version__}, {jax.default_backend()}, float32",
+                     f"  - `{c}`" for c in commands] + [
+      f"- machine: {m['cores']}-core CPU ({m['cpu_model']}), shared with other jobs; "
+      f"jax {m['jax_version']}, {m['backend']}, float32",
       f"- written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+  lines += [n + "\n" for n in args.note]
   return "\n".join(lines)
 
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  overrides = [a for a in argv if a.startswith("--config.")]
-  rest = [a for a in argv if not a.startswith("--config.")]
+  overrides, _, rest = common.split_overrides(argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--preset", default="fast", choices=("fast", "paper", "quick"))
   p.add_argument("--seeds", default="0,1,2")
@@ -163,11 +139,13 @@ def main(argv=None) -> int:
   p.add_argument("--nets", default="ff,rnn", help="subset of ff,rnn to train")
   p.add_argument("--methods", default="", help="subset of solvers to train (default: all)")
   p.add_argument("--report_only", action="store_true")
+  p.add_argument("--note", action="append", default=[],
+                 help="a paragraph appended to the results file (repeatable)")
   args = p.parse_args(rest)
   commands = run_sweeps(args, overrides)
   text = report(args, commands, overrides)
-  args.results.parent.mkdir(parents=True, exist_ok=True)
-  args.results.write_text(text)
+  from bilevel.runner import atomic_write_text  # noqa: PLC0415
+  atomic_write_text(args.results, text)
   print(text)
   return 0
 

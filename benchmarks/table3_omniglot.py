@@ -17,10 +17,6 @@ visible next to chance (1/n_way).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,9 +27,11 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
+
 # Table 3 of the paper: mean +- std test accuracy (%) over 3 seeds, 20-way 1-shot.
 PAPER = {"fomaml": ("FOMAML", "89.40 ± 0.50"), "t1t2": ("T1-T2", "89.72 ± 0.43"),
-         "reptile": ("Reptile", "89.43 ± 0.14"), "lcp": ("LCP (ours)", "91.00 ± 0.24"),
+         "reptile": ("Reptile", "89.43 ± 0.14"), "lcp": ("LCP", "91.00 ± 0.24"),
          "imaml": ("iMAML", "94.46 ± 0.42"), "cml": ("CML", "94.16 ± 0.12"),
          "rbp": ("RBP (implicit, fixed-point adjoint)", "-"),
          "bp": ("BP through the inner loop (MAML)", "-"),
@@ -41,47 +39,16 @@ PAPER = {"fomaml": ("FOMAML", "89.40 ± 0.50"), "t1t2": ("T1-T2", "89.72 ± 0.43
 ORDER = ("fomaml", "t1t2", "reptile", "lcp", "imaml", "cml", "rbp", "bp")
 
 
-def _sweep(args, solvers, overrides) -> None:
-  cmd = [sys.executable, str(_ROOT / "launch" / "sweep.py"), "--config", args.config,
-         "--solvers", ",".join(solvers), "--seeds", args.seeds, "--workers",
-         str(args.workers), "--sweepdir", str(args.sweepdir),
-         "--metric", "eval/test_accuracy"] + overrides
-  print("+", " ".join(cmd), flush=True)
-  subprocess.run(cmd, check=False)
-
-
-def _summaries(sweepdir: Path, solver: str) -> list[dict]:
-  out = []
-  for path in sorted((sweepdir / "runs" / solver).glob("*/seed*/summary.json")):
-    d = json.loads(path.read_text())
-    if d.get("status") == "completed" and d.get("eval"):
-      out.append(d)
-  return out
-
-
-def _init_row(config_spec: str, overrides: list[str]) -> dict:
+def _init_row(config_spec: str, pairs: list[tuple[str, str]]) -> dict:
   """Meta-test accuracy of the untrained initial weights (seed 0)."""
   import jax  # noqa: PLC0415
   import problems  # noqa: PLC0415
   from bilevel import config as cfglib  # noqa: PLC0415
-  pairs = [tuple(o[len("--config."):].split("=", 1)) for o in overrides]
   config = cfglib.load(config_spec, pairs)
   config.solver = "fomaml"  # same free relaxation (inner loop) for every solver
   task = problems.make_task(config)
   params = task.problem.init_params(jax.random.key(config.seed), task.example)
   return task.evaluate(params, cfglib.build_solver(config))
-
-
-def _machine() -> str:
-  import jax  # noqa: PLC0415
-  cpu = platform.machine()
-  try:
-    cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-               if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return (f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), host {cpu} with "
-          f"{os.cpu_count()} cores, jax {jax.__version__}")
 
 
 def _pct(x: float) -> str:
@@ -100,19 +67,18 @@ def main(argv=None) -> int:
   p.add_argument("--note", action="append", default=[],
                  help="a paragraph appended under the table (repeatable)")
   p.add_argument("--out", type=Path, default=_ROOT / "benchmarks/results/table3_omniglot.md")
-  args, overrides = p.parse_known_args(argv)
-  bad = [o for o in overrides if not o.startswith("--config.")]
+  overrides, pairs, rest = common.split_overrides(sys.argv[1:] if argv is None else argv)
+  args, bad = p.parse_known_args(rest)
   if bad:
     p.error(f"unknown arguments {bad} (only --config.KEY=VALUE overrides pass through)")
   solvers = args.solvers.split(",")
   label = args.config.replace(":", "_")
   args.sweepdir = args.sweepdir or _ROOT / "runs" / "sweeps" / label
   t0 = time.time()
-  if not args.report_only:
-    _sweep(args, solvers, overrides)
+  common.run_sweep(args.config, solvers, args.seeds, args.sweepdir, overrides, args.workers,
+                   metric="eval/test_accuracy", execute=not args.report_only)
 
   from bilevel import config as cfglib  # noqa: PLC0415
-  pairs = [tuple(o[len("--config."):].split("=", 1)) for o in overrides]
   config = cfglib.load(args.config, pairs)
   o = config.problem_options
   free = config.solvers.lcp.free
@@ -120,7 +86,8 @@ def main(argv=None) -> int:
       "# Table 3: meta-learning complex synapses on Omniglot", "",
       f"Command: `python benchmarks/table3_omniglot.py --config {args.config} --seeds "
       f"{args.seeds}{''.join(' ' + x for x in overrides)}`", "",
-      f"Machine: {_machine()}; each run's summary.json is under `{args.sweepdir}`.", "",
+      f"Machine: {common.machine_description()}; each run's summary.json is under "
+      f"`{args.sweepdir}`.", "",
       f"Protocol of THIS table (config `{args.config}`): {o.n_way}-way {o.k_shot}-shot, "
       f"{o.image_size}x{o.image_size}, conv-4 with {o.channels} channels, lambda = {o.lam}, "
       f"inner loop {free.max_steps} SGD steps (lr "
@@ -140,7 +107,7 @@ def main(argv=None) -> int:
             "inner residual ‖f‖ (test, mean / max) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for name in [n for n in ORDER if n in solvers] + [n for n in solvers if n not in ORDER]:
-    runs = _summaries(args.sweepdir, name)
+    runs = common.completed_summaries(args.sweepdir, name)
     paper_name, paper = PAPER.get(name, (name, "-"))
     if not runs:
       lines.append(f"| {paper_name} (`{name}`) | {paper} | (no completed run) | | | | | |")
@@ -149,14 +116,14 @@ def main(argv=None) -> int:
     ci = np.mean([r["eval"]["test_accuracy_ci95"] for r in runs])
     off = [r["eval"].get("official_runs_accuracy") for r in runs]
     off = _pct(np.mean(off)) if None not in off else "-"
-    std = _pct(np.std(acc, ddof=1)) if len(acc) > 1 else "-"
+    std = _pct(common.mean_std(list(acc))[1]) if len(acc) > 1 else "-"
     sps = np.mean([r.get("seconds_per_step", float("nan")) for r in runs])
     res = (np.mean([r["eval"]["test_free_residual"] for r in runs]),
            np.max([r["eval"]["test_free_residual_max"] for r in runs]))
     lines.append(f"| {paper_name} (`{name}`) | {paper} | {_pct(acc.mean())} ± {_pct(ci)} | "
                  f"{std} | {off} | {len(runs)} | {sps:.2f} | {res[0]:.2f} / {res[1]:.2f} |")
   if not args.no_init_row:
-    init = _init_row(args.config, overrides)
+    init = _init_row(args.config, pairs)
     off = init.get("official_runs_accuracy")
     lines.append(f"| no meta-training (initial weights + inner loop) | - | "
                  f"{_pct(init['test_accuracy'])} ± {_pct(init['test_accuracy_ci95'])} | - | "
@@ -167,8 +134,8 @@ def main(argv=None) -> int:
             "averaged over seeds. The inner loop runs a fixed budget; its final residual "
             "‖f‖ = ‖∇E‖ is reported so that non-converged tasks are visible.",
             ""] + [n + "\n" for n in args.note] + [f"Generated in {time.time() - t0:.0f} s."]
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text("\n".join(lines) + "\n")
+  from bilevel.runner import atomic_write_text  # noqa: PLC0415
+  atomic_write_text(args.out, "\n".join(lines) + "\n")
   print("\n".join(lines))
   print(f"wrote {args.out}")
   return 0

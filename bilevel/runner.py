@@ -85,6 +85,18 @@ def atomic_write_text(path: os.PathLike | str, text: str) -> None:
     raise
 
 
+def atomic_savefig(fig, path: os.PathLike | str, dpi: int = 90) -> Path:
+  """Saves a matplotlib figure via a temporary file + rename, then closes it."""
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+  fig.savefig(tmp, dpi=dpi)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
 def append_jsonl(path: os.PathLike | str, record: dict) -> None:
   """Appends one complete line (single write on an O_APPEND fd, then fsync)."""
   line = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode()
@@ -289,12 +301,7 @@ def plot_curves(metrics_path: os.PathLike | str, out_path: os.PathLike | str,
     ax.axis("off")
   if title:
     fig.suptitle(title)
-  out_path = Path(out_path)
-  tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=90)
-  plt.close(fig)
-  os.replace(tmp, out_path)
-  return out_path
+  return atomic_savefig(fig, out_path)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:

@@ -316,11 +316,8 @@ def plot_comparison(cells: Sequence[dict], grid_keys: Sequence[str], metric: str
   ax.set_ylabel(metric)
   ax.set_title(f"{metric} (mean ± std over seeds)")
   fig.tight_layout()
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=90)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  from bilevel.runner import atomic_savefig  # noqa: PLC0415
+  return atomic_savefig(fig, path)
 
 
 def write_reports(sweepdir: Path, runs: Sequence[RunSpec], grid_keys: Sequence[str],

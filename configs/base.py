@@ -1,8 +1,13 @@
-"""Run-level defaults shared by every experiment config (docs/conventions.md).
+"""Pieces shared by every experiment config (schema: docs/conventions.md).
 
 An experiment's ``get_config`` starts from :func:`base_config` and sets only
-what is specific to it (problem, solvers, optimizer, sizes, presets).
+what is specific to it (problem, solvers, optimizer, sizes, presets);
+:func:`relaxation` / :func:`with_anderson` spell a fixed-point relaxation
+(``bilevel.relaxation.relaxation_from_config``) and :func:`preset_tokens`
+parses combined presets such as ``quick+anderson``.
 """
+
+from typing import Optional, Sequence
 
 import ml_collections
 
@@ -39,3 +44,26 @@ def base_config(**overrides) -> ml_collections.ConfigDict:
   c.max_nonconverged_fraction = 1.0
   c.update(overrides)
   return c
+
+
+def relaxation(rtol: float, max_steps: int, strategy: str = "euler", steps_per_check: int = 1,
+               **strategy_options) -> dict:
+  """A relaxation block; ``strategy_options`` default to ``dt = 1``."""
+  return dict(strategy=strategy, strategy_options=strategy_options or {"dt": 1.0}, rtol=rtol,
+              atol=0.0, max_steps=max_steps, steps_per_check=steps_per_check)
+
+
+def with_anderson(relax: dict, memory: int = 5) -> dict:
+  """The same relaxation (tolerances, budget) with Anderson acceleration."""
+  return dict(relax, strategy="anderson", strategy_options=dict(
+      dt=1.0, memory=memory, mixing=1.0, ridge=1e-6))
+
+
+def preset_tokens(preset: Optional[str], valid: Sequence[str]) -> set:
+  """``'quick+anderson'`` -> ``{'quick', 'anderson'}``; ValueError naming the valid ones."""
+  tokens = {t for t in (preset or "").replace(",", "+").split("+") if t and t != "default"}
+  unknown = tokens - set(valid)
+  if unknown:
+    raise ValueError(f"unknown preset(s) {sorted(unknown)}; valid presets: "
+                     f"{', '.join(valid)} (combine with '+')")
+  return tokens

@@ -29,28 +29,16 @@ unless the lossless batches are there, ``source='tfds'``, ``augment``).
 
 import ml_collections
 
-
-def _relax(rtol, max_steps, steps_per_check=1, dt=1.0):
-  return dict(strategy="euler", strategy_options=dict(dt=dt), rtol=rtol, atol=0.0,
-              max_steps=max_steps, steps_per_check=steps_per_check)
-
-
-def _anderson(relax):
-  relax = dict(relax)
-  relax.update(strategy="anderson", strategy_options=dict(dt=1.0, memory=5, mixing=1.0,
-                                                          ridge=1e-6))
-  return relax
+from configs.base import (base_config, optimizer_config, preset_tokens, relaxation,
+                          with_anderson)
 
 
 def get_config(preset=None):
-  tokens = [t for t in (preset or "").replace(",", "+").split("+") if t and t != "default"]
-  unknown = set(tokens) - {"quick", "anderson"}
-  if unknown:
-    raise ValueError(f"unknown preset(s) {sorted(unknown)}; valid presets: quick, anderson "
-                     "(combine with '+')")
+  tokens = preset_tokens(preset, ("quick", "anderson"))
   quick = "quick" in tokens
 
-  c = ml_collections.ConfigDict()
+  c = base_config(batch_size=64, num_epochs=75, log_every_steps=50,
+                  eval_every_epochs=5, checkpoint_every_steps=2000, keep_checkpoints=2)
   c.problem = "cifar10_deq"
   c.problem_options = ml_collections.ConfigDict(dict(
       channels=48, inner_channels=64, kernel=3, groups=8, pool=8, block_init_std=0.01,
@@ -59,33 +47,19 @@ def get_config(preset=None):
       eval_batch_size=500))
   c.solver = "lcp_di"
 
-  free = _relax(1e-4, 100 if quick else 200)
-  adjoint = _relax(1e-4, 100 if quick else 200)
-  controlled = _relax(1e-4, 100) if quick else _relax(1e-5, 800)
+  free = relaxation(1e-4, 100 if quick else 200)
+  adjoint = relaxation(1e-4, 100 if quick else 200)
+  controlled = relaxation(1e-4, 100) if quick else relaxation(1e-5, 800)
   if "anderson" in tokens:
-    free, controlled, adjoint = _anderson(free), _anderson(controlled), _anderson(adjoint)
+    free, controlled, adjoint = map(with_anderson, (free, controlled, adjoint))
   c.solvers = ml_collections.ConfigDict()
   c.solvers.rbp = ml_collections.ConfigDict(dict(free=free, adjoint=adjoint))
   c.solvers.lcp_di = ml_collections.ConfigDict(dict(
       alpha=1.0 / 0.3, k_i=0.3, k_p=0.0, free=free, controlled=controlled))
-  c.solvers.bp = ml_collections.ConfigDict(dict(num_steps=30, free=_relax(1e-4, 30)))
+  c.solvers.bp = ml_collections.ConfigDict(dict(num_steps=30, free=relaxation(1e-4, 30)))
 
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=0.05, schedule="cosine", final_lr_fraction=0.0,
-      decay_every_epochs=1, decay_factor=0.1, clip_norm=10.0, weight_decay=0.0,
-      polyak_start_epoch=-1, polyak_decay=0.0, momentum=None))
-  c.batch_size = 64
-  c.num_epochs = 75
-  c.num_steps = 0
-  c.seed = 0
-  c.data_dir = ""
-  c.num_devices = 0
-  c.log_every_steps = 50
-  c.eval_every_epochs = 5
-  c.checkpoint_every_steps = 2000
-  c.keep_checkpoints = 2
-  c.on_nonfinite = "stop"
-  c.max_nonconverged_fraction = 1.0
+  c.optimizer = optimizer_config(name="sgd", learning_rate=0.05, schedule="cosine",
+                                 decay_factor=0.1, clip_norm=10.0, momentum=None)
 
   if quick:
     c.problem_options.update(dict(channels=16, inner_channels=32, groups=4,

@@ -38,21 +38,13 @@ len(hidden) + 1) -- fewer steps truncate the forward pass.
 
 import ml_collections
 
-
-def _relax(rtol, max_steps, steps_per_check=1, dt=1.0):
-  return dict(strategy="euler", strategy_options=dict(dt=dt), rtol=rtol, atol=0.0,
-              max_steps=max_steps, steps_per_check=steps_per_check)
-
-
-def _anderson(relax):
-  relax = dict(relax)
-  relax.update(strategy="anderson", strategy_options=dict(dt=1.0, memory=5, mixing=1.0,
-                                                          ridge=1e-6))
-  return relax
+from configs.base import (base_config, optimizer_config, preset_tokens, relaxation,
+                          with_anderson)
 
 
 def get_config(preset=None):
-  c = ml_collections.ConfigDict()
+  c = base_config(batch_size=64, num_epochs=30, log_every_steps=50,
+                  eval_every_epochs=5, checkpoint_every_steps=2000, keep_checkpoints=2)
   c.problem = "cifar10_ff"
   c.problem_options = ml_collections.ConfigDict(dict(
       channels=(96, 128, 256), hidden=(2048, 2048), enc_kernel=5, kernel=5, stride=2,
@@ -61,11 +53,7 @@ def get_config(preset=None):
       eval_batch_size=500))
   c.solver = "lcp_di"
 
-  tokens = [t for t in (preset or "").replace(",", "+").split("+") if t and t != "default"]
-  unknown = set(tokens) - {"quick", "anderson"}
-  if unknown:
-    raise ValueError(f"unknown preset(s) {sorted(unknown)}; valid presets: quick, anderson "
-                     "(combine with '+')")
+  tokens = preset_tokens(preset, ("quick", "anderson"))
   quick = "quick" in tokens
   if quick:
     c.problem_options.channels = (16, 32, 64)
@@ -74,39 +62,25 @@ def get_config(preset=None):
     c.problem_options.eval_examples = 2000
   depth = len(c.problem_options.channels) + len(c.problem_options.hidden) + 1
   chunk = 5 if quick else 1
-  free = _relax(1e-5, 50)
-  controlled = _relax(1e-4, 60, chunk) if quick else _relax(1e-6, 800)
-  adjoint = _relax(1e-5, 50)
+  free = relaxation(1e-5, 50)
+  controlled = relaxation(1e-4, 60, steps_per_check=chunk) if quick else relaxation(1e-6, 800)
+  adjoint = relaxation(1e-5, 50)
   if "anderson" in tokens:
-    free, controlled, adjoint = _anderson(free), _anderson(controlled), _anderson(adjoint)
+    free, controlled, adjoint = map(with_anderson, (free, controlled, adjoint))
 
   c.solvers = ml_collections.ConfigDict()
   # bp: backprop through exactly `depth` Euler(dt=1) steps = the forward pass,
   # fully unrolled (straight-line code).
   c.solvers.bp = ml_collections.ConfigDict(dict(
-      num_steps=depth, free=_relax(1e-5, depth, depth)))
+      num_steps=depth, free=relaxation(1e-5, depth, steps_per_check=depth)))
   c.solvers.rbp = ml_collections.ConfigDict(dict(free=free, adjoint=adjoint))
   lcp = dict(alpha=1.0, k_i=0.1, k_p=0.0, free=free, controlled=controlled)
   c.solvers.lcp_di = ml_collections.ConfigDict(lcp)
   c.solvers.lcp_kp = ml_collections.ConfigDict(dict(
       lcp, weight_decay=1e-4, feedback_init="random", init_scale=1.0))
 
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=0.1, schedule="cosine", final_lr_fraction=0.1,
-      decay_every_epochs=1, decay_factor=0.1, clip_norm=0.0, weight_decay=1e-3,
-      polyak_start_epoch=-1, polyak_decay=0.0))
-  c.batch_size = 64
-  c.num_epochs = 30
-  c.num_steps = 0
-  c.seed = 0
-  c.data_dir = ""
-  c.num_devices = 0
-  c.log_every_steps = 50
-  c.eval_every_epochs = 5
-  c.checkpoint_every_steps = 2000
-  c.keep_checkpoints = 2
-  c.on_nonfinite = "stop"
-  c.max_nonconverged_fraction = 1.0
+  c.optimizer = optimizer_config(name="sgd", learning_rate=0.1, schedule="cosine",
+                                 final_lr_fraction=0.1, decay_factor=0.1, weight_decay=1e-3)
 
   if quick:
     c.batch_size = 32

@@ -35,28 +35,16 @@ Presets (combine with '+'):
 
 import ml_collections
 
-
-def _relax(rtol, max_steps, steps_per_check=1, dt=1.0):
-  return dict(strategy="euler", strategy_options=dict(dt=dt), rtol=rtol, atol=0.0,
-              max_steps=max_steps, steps_per_check=steps_per_check)
-
-
-def _anderson(relax):
-  relax = dict(relax)
-  relax.update(strategy="anderson", strategy_options=dict(dt=1.0, memory=5, mixing=1.0,
-                                                          ridge=1e-6))
-  return relax
+from configs.base import (base_config, optimizer_config, preset_tokens, relaxation,
+                          with_anderson)
 
 
 def get_config(preset=None):
-  tokens = [t for t in (preset or "").replace(",", "+").split("+") if t and t != "default"]
-  unknown = set(tokens) - {"quick", "anderson"}
-  if unknown:
-    raise ValueError(f"unknown preset(s) {sorted(unknown)}; valid presets: quick, anderson "
-                     "(combine with '+')")
+  tokens = preset_tokens(preset, ("quick", "anderson"))
   quick = "quick" in tokens
 
-  c = ml_collections.ConfigDict()
+  c = base_config(batch_size=8192, num_epochs=250, log_every_steps=50,
+                  eval_every_epochs=50, checkpoint_every_steps=1000, keep_checkpoints=2)
   c.problem = "inr"
   c.problem_options = ml_collections.ConfigDict(dict(
       image="astronaut", size=512, fourier_features=256, fourier_scale=10.0,
@@ -65,36 +53,21 @@ def get_config(preset=None):
       eval_batch_size=8192))
   c.solver = "lcp_di"
 
-  free = _relax(1e-4, 200)
-  adjoint = _relax(1e-4, 200)
+  free = relaxation(1e-4, 200)
+  adjoint = relaxation(1e-4, 200)
   # Anderson on the controlled phase by default: as the read-out grows during
   # training the Euler-discretised integral loop (gain ~ k_i x output
   # sensitivity) starts to oscillate and diverges; Anderson damps it.
-  controlled = _anderson(_relax(1e-5, 200 if quick else 800))
+  controlled = with_anderson(relaxation(1e-5, 200 if quick else 800))
   if "anderson" in tokens:
-    free, adjoint = _anderson(free), _anderson(adjoint)
+    free, adjoint = map(with_anderson, (free, adjoint))
   c.solvers = ml_collections.ConfigDict()
   c.solvers.rbp = ml_collections.ConfigDict(dict(free=free, adjoint=adjoint))
   c.solvers.lcp_di = ml_collections.ConfigDict(dict(
       alpha=1.0, k_i=0.3, k_p=0.0, free=free, controlled=controlled))
-  c.solvers.bp = ml_collections.ConfigDict(dict(num_steps=40, free=_relax(1e-4, 40)))
+  c.solvers.bp = ml_collections.ConfigDict(dict(num_steps=40, free=relaxation(1e-4, 40)))
 
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=1e-3, schedule="cosine", final_lr_fraction=0.1,
-      decay_every_epochs=1, decay_factor=0.1, clip_norm=0.0, weight_decay=0.0,
-      polyak_start_epoch=-1, polyak_decay=0.0))
-  c.batch_size = 8192
-  c.num_epochs = 250
-  c.num_steps = 0
-  c.seed = 0
-  c.data_dir = ""
-  c.num_devices = 0
-  c.log_every_steps = 50
-  c.eval_every_epochs = 50
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 2
-  c.on_nonfinite = "stop"
-  c.max_nonconverged_fraction = 1.0
+  c.optimizer = optimizer_config(schedule="cosine", final_lr_fraction=0.1, decay_factor=0.1)
 
   if quick:
     c.problem_options.update(dict(size=128, fourier_features=64, hidden=64,

@@ -25,13 +25,9 @@ what they mean in their code; all our gradients are then theirs / batch_size
 
 import ml_collections
 
+from configs.base import base_config, optimizer_config, relaxation
+
 PRESETS = ("quick", "fast", "paper")
-
-
-def _relaxation(rtol, max_steps, strategy="euler", **strategy_options):
-  options = strategy_options or {"dt": 1.0}
-  return dict(strategy=strategy, strategy_options=options, rtol=rtol, atol=0.0,
-              max_steps=max_steps, steps_per_check=1)
 
 
 def build(shape: str, preset=None) -> ml_collections.ConfigDict:
@@ -40,26 +36,27 @@ def build(shape: str, preset=None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
   rnn = shape == "rnn"
   batch_size = 64
-  c = ml_collections.ConfigDict()
+  c = base_config(batch_size=batch_size, num_epochs=30, log_every_steps=100,
+                  eval_every_epochs=5, checkpoint_every_steps=2000, keep_checkpoints=2)
   c.problem = f"mnist_{shape}"
   c.problem_options = ml_collections.ConfigDict(dict(
       width=256, activation="tanh", normalize=True, data="shipped", batch_mean_loss=True,
       eval_batch_size=1000, eval_train_examples=10000))
   c.solver = "rbp" if rnn else "bp"
 
-  free = _relaxation(1e-4, 200)
-  lcp = dict(alpha=0.1, k_i=1.0, k_p=0.0, free=free, controlled=_relaxation(1e-6, 800))
+  free = relaxation(1e-4, 200)
+  lcp = dict(alpha=0.1, k_i=1.0, k_p=0.0, free=free, controlled=relaxation(1e-6, 800))
   s = ml_collections.ConfigDict()
   # bp: backprop through the unrolled free relaxation; 3 Euler steps of size 1 are
   # the exact forward pass of the feedforward net.
   s.bp = dict(num_steps=30 if rnn else 3, free=free)
-  s.rbp = dict(adjoint_method="fixed_point", free=free, adjoint=_relaxation(1e-4, 200))
+  s.rbp = dict(adjoint_method="fixed_point", free=free, adjoint=relaxation(1e-4, 200))
   s.lcp_di = dict(lcp)
   s.lcp_kp = dict(lcp, weight_decay=1e-6, feedback_init="random", init_scale=0.1)
   # EBD (eq. 15): gradient flow on 1/2 ||f||^2 with the output controller of eq. 6,
   # integrated by Adam on the states. (The authors' code nudges with beta = 1/alpha
   # directly; the steady state -- the minimiser of 1/2 ||f||^2 + L / alpha -- is the same.)
-  s.lcp_ebd = dict(lcp, controlled=_relaxation(
+  s.lcp_ebd = dict(lcp, controlled=relaxation(
       1e-6, 200 if rnn else 800, "adam", learning_rate=1e-3 if rnn else 1e-2))
   s.lcp_lf = dict(lcp, modulated=True, q_init_scale=1.0, learn_q=True, sigma=0.01,
                   tau_q=1e5, q_weight_decay=0.01, timescale_factor=5.0, tau_eps=1.0,
@@ -67,31 +64,16 @@ def build(shape: str, preset=None) -> ml_collections.ConfigDict:
                   q_scale=1e-3)
   c.solvers = s
 
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=1e-3, schedule="cosine", final_lr_fraction=0.1,
-      decay_every_epochs=1, decay_factor=0.1,
-      clip_norm=(10.0 / batch_size) if rnn else 0.0,
-      weight_decay=0.0, polyak_start_epoch=-1, polyak_decay=0.0))
-  c.batch_size = batch_size
-  c.num_epochs = 30
-  c.num_steps = 0
-  c.seed = 0
-  c.data_dir = ""
-  c.num_devices = 0
-  c.log_every_steps = 100
-  c.eval_every_epochs = 5
-  c.checkpoint_every_steps = 2000
-  c.keep_checkpoints = 2
-  c.on_nonfinite = "stop"
-  c.max_nonconverged_fraction = 1.0
+  c.optimizer = optimizer_config(schedule="cosine", final_lr_fraction=0.1, decay_factor=0.1,
+                                 clip_norm=(10.0 / batch_size) if rnn else 0.0)
 
   if preset in ("fast", "quick"):
     for name in ("lcp_di", "lcp_kp", "lcp_ebd"):
       # u' = k_i (-grad L - alpha u) with k_i alpha dt = 1 reaches u = -grad L / alpha
       # in one step: same steady state, no slow integrator mode.
       s[name].k_i = 1.0 / s[name].alpha
-    s.lcp_ebd.controlled = _relaxation(1e-6, 800, "anderson", dt=0.5, memory=10,
-                                       mixing=1.0, ridge=1e-6)
+    s.lcp_ebd.controlled = relaxation(1e-6, 800, "anderson", dt=0.5, memory=10,
+                                      mixing=1.0, ridge=1e-6)
     s.lcp_lf.noise_steps = 400
   if preset == "quick":
     c.num_epochs = 1

@@ -9,17 +9,8 @@ reuses); RNN-specific defaults from the authors' commands: gradient-norm clip
 200 steps started at the free equilibrium.
 """
 
-import importlib.util
-from pathlib import Path
-
-
-def _mnist_ff():
-  path = Path(__file__).with_name("mnist_ff.py")
-  spec = importlib.util.spec_from_file_location("_bilevel_config_mnist_ff_shared", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from configs import mnist_ff
 
 
 def get_config(preset=None):
-  return _mnist_ff().build("rnn", preset)
+  return mnist_ff.build("rnn", preset)

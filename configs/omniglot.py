@@ -23,6 +23,8 @@ of every solver, not the paper's.
 
 import ml_collections
 
+from configs.base import base_config, optimizer_config
+
 
 def _sgd(lr: float, steps: int, rtol: float, steps_per_check: int = 1,
          momentum: float = 0.9) -> dict:
@@ -47,7 +49,9 @@ def _solvers(lr: float, free_steps: int, phase_steps: int, lam: float, rtol: flo
   # unit): the controlled state is the minimiser of E + L / alpha, a weak nudge like
   # CML's beta. Measured on the quick preset: alpha = 1 (a strong nudge, the query
   # fitted at the controlled state) made the free query loss RISE while H fell
-  # (test accuracy 11.4%, below the untrained net), alpha = 10 trains like FOMAML.
+  # (test accuracy 11.4%, below the untrained net); alpha = 10 learns (23.3%; untrained
+  # 15.2%, FOMAML 30.7%) and proportional control (k_p = 0.1 or 1 with 25 momentum
+  # steps) did worse (16.6%, 16.4% after 50 meta-steps). See table3_omniglot.md.
   s.lcp = dict(free=free, alpha=10.0, k_i=0.1, k_p=0.0,
                controlled=_sgd(min(5 * lr, 0.05), 2 * phase_steps, rtol, spc,
                                momentum=0.0))
@@ -64,7 +68,8 @@ def _solvers(lr: float, free_steps: int, phase_steps: int, lam: float, rtol: flo
 
 
 def get_config(preset=None):
-  c = ml_collections.ConfigDict()
+  c = base_config(batch_size=16, num_epochs=30, log_every_steps=25, eval_every_epochs=10,
+                  checkpoint_every_steps=125)
   c.problem = "omniglot"
   lam = 0.5
   c.problem_options = ml_collections.ConfigDict(dict(
@@ -75,23 +80,8 @@ def get_config(preset=None):
   c.solver = "lcp"
   c.solvers = _solvers(lr=0.01, free_steps=200, phase_steps=100, lam=lam, rtol=1e-4, spc=5,
                        cg_steps=20)
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=0.01, schedule="step", final_lr_fraction=0.0,
-      decay_every_epochs=5, decay_factor=0.5, clip_norm=0.0, weight_decay=0.0,
-      polyak_start_epoch=4, polyak_decay=0.0))
-  c.batch_size = 16
-  c.num_epochs = 30
-  c.num_steps = 0
-  c.seed = 0
-  c.data_dir = ""
-  c.num_devices = 0
-  c.log_every_steps = 25
-  c.eval_every_epochs = 10
-  c.checkpoint_every_steps = 125
-  c.keep_checkpoints = 3
-  c.on_nonfinite = "stop"
-  c.max_nonconverged_fraction = 1.0
-
+  c.optimizer = optimizer_config(learning_rate=0.01, schedule="step", decay_every_epochs=5,
+                                 polyak_start_epoch=4)
   if preset in (None, "", "default"):
     pass
   elif preset == "quick":

@@ -6,9 +6,11 @@ nothing. Presets: ``quick`` (a few dozen steps), ``long`` (for kill/resume).
 
 import ml_collections
 
+from configs.base import base_config, optimizer_config
+
 
 def get_config(preset=None):
-  c = ml_collections.ConfigDict()
+  c = base_config(batch_size=16, num_epochs=2, log_every_steps=4, checkpoint_every_steps=8)
   c.problem = "toy"
   c.problem_options = ml_collections.ConfigDict(dict(
       n_hidden=16, n_in=4, n_out=2, n_train=256, n_test=256, data_seed=0, init_gain=0.5,
@@ -22,23 +24,7 @@ def get_config(preset=None):
   c.solvers.lcp_kp = ml_collections.ConfigDict(dict(alpha=0.1, controlled=controlled))
   c.solvers.rbp = ml_collections.ConfigDict(dict(adjoint=dict(rtol=1e-5, max_steps=200)))
   c.solvers.bp = ml_collections.ConfigDict(dict(num_steps=60))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=1e-2, schedule="constant", final_lr_fraction=0.0,
-      decay_every_epochs=1, decay_factor=0.5, clip_norm=0.0, weight_decay=0.0,
-      polyak_start_epoch=-1, polyak_decay=0.0))
-  c.batch_size = 16
-  c.num_epochs = 2
-  c.num_steps = 0
-  c.seed = 0
-  c.data_dir = ""
-  c.num_devices = 0
-  c.log_every_steps = 4
-  c.eval_every_epochs = 1
-  c.checkpoint_every_steps = 8
-  c.keep_checkpoints = 3
-  c.on_nonfinite = "stop"
-  c.max_nonconverged_fraction = 1.0
-
+  c.optimizer = optimizer_config(learning_rate=1e-2)
   if preset in (None, "", "default"):
     pass
   elif preset == "quick":

@@ -79,8 +79,8 @@ configs use ``q_scale = 1e-3``, which gives Adam the authors' step size.
 Noise keys: the solver interface has no PRNG key, so the noise of each
 example is keyed by ``noise_seed`` folded with a hash of ``Q`` (which changes
 every step), of the example and its position in the (local) batch:
-deterministic, different across examples and steps. (A ``key`` argument on ``Solver.__call__`` would be cleaner; see
-the report of issue 3.)
+deterministic, different across examples and steps. (A ``key`` argument on
+``Solver.__call__`` would be cleaner.)
 
 Problems must provide ``feedback_units(state)`` and ``feedback_modulation(state)``
 (e.g. :class:`problems.mnist.EquilibriumNetProblem`).

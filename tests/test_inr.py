@@ -137,7 +137,7 @@ def test_task_trains_and_evaluates(tmp_path):
   batch = task.train_batch(1)
   assert batch["coords"].shape == (4, 2) and batch["rgb"].shape == (4, 3)
   assert np.all(np.asarray(batch["coords"]) * 8 % 2 == 0)  # even rows/cols only
-  config.solver = "lcp_di"
+  config.solver = "rbp"
   solver = cfglib.build_solver(config)
   opt = optax.adam(1e-2)
   state = init_train_state(task.problem, solver, opt, jax.random.key(0), task.example)

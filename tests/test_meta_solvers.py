@@ -29,19 +29,6 @@ import solvers
 import zoo
 from bilevel import BilevelProblem
 
-TIGHT = {"strategy": "anderson", "strategy_options": {"dt": 0.3}, "rtol": 1e-12,
-         "max_steps": 5000}
-TIGHT_CONTROLLED = {"strategy": "anderson", "strategy_options": {"dt": 0.2, "memory": 8},
-                    "rtol": 1e-12, "max_steps": 20000}
-
-
-def _flat(tree):
-  return np.asarray(ravel_pytree(tree)[0])
-
-
-def _rel_err(a, b):
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
 
 def mlp_synapse(batch=3, n_in=3, hidden=4, n_cls=3, n_support=6, n_query=9, lam=0.7,
                 seed=5):
@@ -94,12 +81,12 @@ def _problem(name):
 @functools.lru_cache(maxsize=None)
 def _exact(name):
   problem, params, batch = _problem(name)
-  return _flat(zoo.exact_implicit_gradient(problem, params, batch))
+  return zoo.flat(zoo.exact_implicit_gradient(problem, params, batch))
 
 
 def _estimate(name, solver_name, **options):
   problem, params, batch = _problem(name)
-  options.setdefault("free", TIGHT)
+  options.setdefault("free", zoo.TIGHT_FREE)
   solver = solvers.get_solver(solver_name, **options)
   sp = solver.init(problem, params, jax.random.key(0))
   return jax.jit(lambda p, b: solver(problem, p, sp, b))(params, batch)
@@ -141,9 +128,9 @@ def _omega_embed(name, phi_tree):
   """Put a phi-shaped direction on theta's omega leaves (zeros for lambda)."""
   _, params, _ = _problem(name)
   if name == "mlp_synapse":
-    return _flat({"omega": phi_tree, "log_lambda": jax.tree.map(jnp.zeros_like,
+    return zoo.flat({"omega": phi_tree, "log_lambda": jax.tree.map(jnp.zeros_like,
                                                                 params["log_lambda"])})
-  return _flat(phi_tree)
+  return zoo.flat(phi_tree)
 
 
 # ----- cml ----------------------------------------------------------------------------
@@ -154,8 +141,8 @@ def _cml_fn(name, symmetric):
   problem, params, batch = _problem(name)
 
   def estimate(beta):
-    solver = solvers.get_solver("cml", beta=beta, symmetric=symmetric, free=TIGHT,
-                                nudged=TIGHT)
+    solver = solvers.get_solver("cml", beta=beta, symmetric=symmetric, free=zoo.TIGHT_FREE,
+                                nudged=zoo.TIGHT_FREE)
     return solver(problem, params, (), batch)
 
   return jax.jit(estimate)
@@ -164,14 +151,14 @@ def _cml_fn(name, symmetric):
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_cml_tends_to_the_implicit_gradient(name):
   exact = _exact(name)
-  sym = [_rel_err(_flat(_cml_fn(name, True)(b).grads), exact) for b in (4e-2, 2e-2)]
+  sym = [zoo.rel_err(zoo.flat(_cml_fn(name, True)(b).grads), exact) for b in (4e-2, 2e-2)]
   assert 3.0 < sym[0] / sym[1] < 5.0, sym        # O(beta^2)
   est = _cml_fn(name, True)(1e-3)
-  assert _rel_err(_flat(est.grads), exact) < 1e-5
+  assert zoo.rel_err(zoo.flat(est.grads), exact) < 1e-5
   for phase in ("free", "nudged_plus", "nudged_minus"):
     assert bool(jnp.all(est.stats[f"{phase}/converged"]))
   if name == "logistic_synapse":
-    one = [_rel_err(_flat(_cml_fn(name, False)(b).grads), exact) for b in (4e-2, 2e-2)]
+    one = [zoo.rel_err(zoo.flat(_cml_fn(name, False)(b).grads), exact) for b in (4e-2, 2e-2)]
     assert 1.6 < one[0] / one[1] < 2.4, one      # O(beta)
     assert sym[1] < one[1] / 10, (sym, one)
 
@@ -197,7 +184,7 @@ def test_imaml_is_imamls_formula(name):
     expected.append(np.linalg.solve(np.eye(len(phi)) + hess / lam,
                                     problem.loss_grad(phi, ex)))
   est = _estimate(name, "imaml", adjoint={"rtol": 1e-13, "max_steps": 200})
-  np.testing.assert_allclose(_flat(est.grads), np.mean(expected, axis=0), rtol=1e-9)
+  np.testing.assert_allclose(zoo.flat(est.grads), np.mean(expected, axis=0), rtol=1e-9)
 
 
 @pytest.mark.parametrize("solver_name,options", [
@@ -208,7 +195,7 @@ def test_imaml_is_imamls_formula(name):
 ], ids=["imaml", "rbp", "bp"])
 def test_implicit_gradient_with_learned_lambda(solver_name, options):
   est = _estimate("mlp_synapse", solver_name, **options)
-  assert _rel_err(_flat(est.grads), _exact("mlp_synapse")) < 1e-7
+  assert zoo.rel_err(zoo.flat(est.grads), _exact("mlp_synapse")) < 1e-7
 
 
 # ----- lcp (eqs. 17-18) -----------------------------------------------------------------
@@ -220,17 +207,17 @@ def test_lcp_update_is_lambda_u_at_finite_alpha(name):
   -d_theta f^T u* -- for theta = omega exactly -lambda u* (d omega = lambda u*)."""
   alpha = 1.0
   problem, params, batch = _problem(name)
-  est = _estimate(name, "lcp", alpha=alpha, controlled=TIGHT_CONTROLLED)
+  est = _estimate(name, "lcp", alpha=alpha, controlled=zoo.TIGHT_CONTROLLED)
   assert bool(jnp.all(est.stats["controlled/converged"]))
   expected = []
   for ex in _examples(batch):
     phi = _minimiser(problem, params, ex, rho=1.0 / alpha)
     u = jax.tree.map(lambda x: -x, problem.f(params, phi, ex))
     _, vjp = jax.vjp(lambda p: problem.f(p, phi, ex), params)
-    expected.append(-_flat(vjp(u)[0]))
+    expected.append(-zoo.flat(vjp(u)[0]))
     if name != "mlp_synapse":  # theta = omega, lambda = 1: the update is -lambda u*
-      np.testing.assert_allclose(expected[-1], -1.0 * _flat(u), rtol=1e-12)
-  np.testing.assert_allclose(_flat(est.grads), np.mean(expected, axis=0), rtol=1e-7,
+      np.testing.assert_allclose(expected[-1], -1.0 * zoo.flat(u), rtol=1e-12)
+  np.testing.assert_allclose(zoo.flat(est.grads), np.mean(expected, axis=0), rtol=1e-7,
                              atol=1e-12)
 
 
@@ -247,8 +234,8 @@ def test_lcp_tends_to_grad_h_as_alpha_vanishes():
     return total / len(_examples(batch))
 
   grad_h = np.asarray(jax.grad(h)(omega))
-  errors = [_rel_err(_flat(_estimate("quadratic_synapse", "lcp", alpha=a,
-                                     controlled=TIGHT_CONTROLLED).grads), grad_h)
+  errors = [zoo.rel_err(zoo.flat(_estimate("quadratic_synapse", "lcp", alpha=a,
+                                     controlled=zoo.TIGHT_CONTROLLED).grads), grad_h)
             for a in (1e-2, 1e-3)]
   assert errors[1] < errors[0] / 5 and errors[1] < 1e-2, errors
 
@@ -260,7 +247,7 @@ def test_fomaml_is_grad_l_at_the_free_equilibrium(name):
   problem, params, batch = _problem(name)
   g = [problem.loss_grad(_minimiser(problem, params, ex), ex) for ex in _examples(batch)]
   expected = _omega_embed(name, jax.tree.map(lambda *x: jnp.mean(jnp.stack(x), 0), *g))
-  np.testing.assert_allclose(_flat(_estimate(name, "fomaml").grads), expected, rtol=1e-8,
+  np.testing.assert_allclose(zoo.flat(_estimate(name, "fomaml").grads), expected, rtol=1e-8,
                              atol=1e-13)
 
 
@@ -273,7 +260,7 @@ def test_reptile_is_omega_minus_adapted_weights(name, rho):
                         _minimiser(problem, params, ex, rho)) for ex in _examples(batch)]
   expected = _omega_embed(name, jax.tree.map(lambda *x: jnp.mean(jnp.stack(x), 0), *diffs))
   est = _estimate(name, "reptile", query_weight=rho, step_size=step)
-  np.testing.assert_allclose(_flat(est.grads), expected, rtol=1e-8, atol=1e-13)
+  np.testing.assert_allclose(zoo.flat(est.grads), expected, rtol=1e-8, atol=1e-13)
 
 
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
@@ -288,11 +275,11 @@ def test_t1t2_is_the_one_step_hypergradient(name):
     phi = _minimiser(problem, params, ex)
     flat_s, unravel_s = ravel_pytree(phi)
     jac = jax.jacobian(lambda p: ravel_pytree(problem.f(unravel_p(p), phi, ex))[0])(flat_p)
-    total += eta * np.asarray(jac).T @ _flat(problem.loss_grad(phi, ex))
+    total += eta * np.asarray(jac).T @ zoo.flat(problem.loss_grad(phi, ex))
     if name != "mlp_synapse":
       np.testing.assert_allclose(np.asarray(jac), np.eye(len(flat_p)), atol=1e-12)
   est = _estimate(name, "t1t2", step_size=eta)
-  np.testing.assert_allclose(_flat(est.grads), total / len(_examples(batch)), rtol=1e-8,
+  np.testing.assert_allclose(zoo.flat(est.grads), total / len(_examples(batch)), rtol=1e-8,
                              atol=1e-13)
 
 

@@ -21,19 +21,6 @@ from jax.flatten_util import ravel_pytree
 import solvers
 import zoo
 
-TIGHT_FREE = {"strategy": "anderson", "strategy_options": {"dt": 0.3}, "rtol": 1e-12,
-              "max_steps": 5000}
-TIGHT_CONTROLLED = {"strategy": "anderson", "strategy_options": {"dt": 0.2, "memory": 8},
-                    "rtol": 1e-12, "max_steps": 20000}
-
-
-def _flat(tree):
-  return np.asarray(ravel_pytree(tree)[0])
-
-
-def _rel_err(a, b):
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
 
 @functools.lru_cache(maxsize=None)
 def _zoo(name):
@@ -43,7 +30,7 @@ def _zoo(name):
 @functools.lru_cache(maxsize=None)
 def _exact(name):
   problem, params, batch = _zoo(name)
-  return _flat(zoo.exact_implicit_gradient(problem, params, batch))
+  return zoo.flat(zoo.exact_implicit_gradient(problem, params, batch))
 
 
 def _estimate(name, solver_name, **options):
@@ -78,9 +65,9 @@ def test_implicit_solvers_match_dense_inverse(name, solver_name, options):
     with pytest.raises(ValueError, match="energy"):
       _estimate(name, solver_name, **options)
     return
-  options = {"free": TIGHT_FREE, **options}
+  options = {"free": zoo.TIGHT_FREE, **options}
   est = _estimate(name, solver_name, **options)
-  err = _rel_err(_flat(est.grads), _exact(name))
+  err = zoo.rel_err(zoo.flat(est.grads), _exact(name))
   assert err < 1e-7, f"{solver_name} on {name}: max relative error {err:.2e}"
   assert bool(jnp.all(est.stats["free/converged"]))
 
@@ -109,10 +96,10 @@ LCP_PROBLEMS = ["tanh_rnn", "layered_net", "quadratic_synapse", "logistic_synaps
 @pytest.mark.parametrize("solver_name", ["lcp_di", "lcp_ebd"])
 def test_lcp_update_is_gradient_of_augmented_energy(name, solver_name):
   alpha = 0.05
-  est = _estimate(name, solver_name, alpha=alpha, free=TIGHT_FREE,
-                  controlled=TIGHT_CONTROLLED)
+  est = _estimate(name, solver_name, alpha=alpha, free=zoo.TIGHT_FREE,
+                  controlled=zoo.TIGHT_CONTROLLED)
   assert bool(jnp.all(est.stats["controlled/converged"]))
-  update = _flat(est.grads)
+  update = zoo.flat(est.grads)
   rng = np.random.default_rng(0)
   directions = [update / np.linalg.norm(update)] + [
       rng.standard_normal(update.shape) for _ in range(2)]
@@ -122,9 +109,9 @@ def test_lcp_update_is_gradient_of_augmented_energy(name, solver_name):
 
 @pytest.mark.parametrize("name", LCP_PROBLEMS)
 def test_di_and_ebd_reach_the_same_optimal_control(name):
-  di = _estimate(name, "lcp_di", alpha=0.05, free=TIGHT_FREE, controlled=TIGHT_CONTROLLED)
-  ebd = _estimate(name, "lcp_ebd", alpha=0.05, free=TIGHT_FREE, controlled=TIGHT_CONTROLLED)
-  np.testing.assert_allclose(_flat(di.grads), _flat(ebd.grads), rtol=1e-7, atol=1e-10)
+  di = _estimate(name, "lcp_di", alpha=0.05, free=zoo.TIGHT_FREE, controlled=zoo.TIGHT_CONTROLLED)
+  ebd = _estimate(name, "lcp_ebd", alpha=0.05, free=zoo.TIGHT_FREE, controlled=zoo.TIGHT_CONTROLLED)
+  np.testing.assert_allclose(zoo.flat(di.grads), zoo.flat(ebd.grads), rtol=1e-7, atol=1e-10)
   np.testing.assert_allclose(di.stats["psi_norm"], ebd.stats["psi_norm"], rtol=1e-8)
   # f(phi*) + psi* = 0 at the controlled equilibrium (eq. 3).
   assert float(jnp.max(di.stats["constraint_violation"])) < 1e-9
@@ -137,10 +124,10 @@ def test_alpha_to_zero_recovers_the_least_control_gradient(name):
   update_dir = None
   errors, losses = [], []
   for alpha in (1e-2, 1e-3):
-    est = _estimate(name, "lcp_di", alpha=alpha, free=TIGHT_FREE,
-                    controlled=TIGHT_CONTROLLED)
+    est = _estimate(name, "lcp_di", alpha=alpha, free=zoo.TIGHT_FREE,
+                    controlled=zoo.TIGHT_CONTROLLED)
     assert bool(jnp.all(est.stats["controlled/converged"]))
-    update = _flat(est.grads)
+    update = zoo.flat(est.grads)
     update_dir = update / np.linalg.norm(update) if update_dir is None else update_dir
     # H's gradient: the augmented energy in the perfect-control limit alpha -> 0
     # (penalty method, Newton in float64), along the update direction.
@@ -154,12 +141,12 @@ def test_alpha_to_zero_recovers_the_least_control_gradient(name):
 def test_direct_control_matches_dynamic_inversion_when_all_state_is_output():
   errors = []
   for alpha in (1e-2, 1e-3):
-    di = _estimate("quadratic_synapse", "lcp_di", alpha=alpha, free=TIGHT_FREE,
-                   controlled=TIGHT_CONTROLLED)
-    direct = _estimate("quadratic_synapse", "lcp_direct", alpha=alpha, free=TIGHT_FREE,
-                       controlled=TIGHT_CONTROLLED)
+    di = _estimate("quadratic_synapse", "lcp_di", alpha=alpha, free=zoo.TIGHT_FREE,
+                   controlled=zoo.TIGHT_CONTROLLED)
+    direct = _estimate("quadratic_synapse", "lcp_direct", alpha=alpha, free=zoo.TIGHT_FREE,
+                       controlled=zoo.TIGHT_CONTROLLED)
     assert bool(jnp.all(direct.stats["controlled/converged"]))
-    errors.append(_rel_err(_flat(direct.grads), _flat(di.grads)))
+    errors.append(zoo.rel_err(zoo.flat(direct.grads), zoo.flat(di.grads)))
   assert errors[1] < errors[0] / 5 and errors[1] < 0.01, errors
 
 
@@ -169,8 +156,8 @@ def test_meta_learning_rule_is_lambda_u_in_closed_form():
   controller is u* = grad E(phi*), and the update is d omega = lambda u*."""
   alpha, lam = 1e-2, 1.0  # lam as in zoo.complex_synapse
   problem, omega, batch = _zoo("quadratic_synapse")
-  est = _estimate("quadratic_synapse", "lcp", alpha=alpha, free=TIGHT_FREE,
-                  controlled=TIGHT_CONTROLLED)
+  est = _estimate("quadratic_synapse", "lcp", alpha=alpha, free=zoo.TIGHT_FREE,
+                  controlled=zoo.TIGHT_CONTROLLED)
   expected = []
   for i in range(batch["xs"].shape[0]):
     xs, ys, xq, yq = (np.asarray(batch[k][i]) for k in ("xs", "ys", "xq", "yq"))
@@ -185,21 +172,21 @@ def test_meta_learning_rule_is_lambda_u_in_closed_form():
 
 def test_kolen_pollack_copy_equals_dynamic_inversion_and_aligns():
   name = "tanh_rnn"
-  di = _estimate(name, "lcp_di", free=TIGHT_FREE, controlled=TIGHT_CONTROLLED)
+  di = _estimate(name, "lcp_di", free=zoo.TIGHT_FREE, controlled=zoo.TIGHT_CONTROLLED)
   kp = _estimate(name, "lcp_kp", feedback_init="copy", weight_decay=0.0,
-                 free=TIGHT_FREE, controlled=TIGHT_CONTROLLED)
-  np.testing.assert_allclose(_flat(kp.grads), _flat(di.grads), rtol=1e-9)
+                 free=zoo.TIGHT_FREE, controlled=zoo.TIGHT_CONTROLLED)
+  np.testing.assert_allclose(zoo.flat(kp.grads), zoo.flat(di.grads), rtol=1e-9)
   # With random feedback, both pathways get the same local update plus decay, so
   # under SGD the misalignment B - theta shrinks by exactly (1 - lr * gamma).
   problem, params, batch = _zoo(name)
-  solver = solvers.get_solver("lcp_kp", weight_decay=0.1, controlled=TIGHT_CONTROLLED)
+  solver = solvers.get_solver("lcp_kp", weight_decay=0.1, controlled=zoo.TIGHT_CONTROLLED)
   feedback = solver.init(problem, params, jax.random.key(1))
   est = solver(problem, params, feedback, batch)
   lr = 0.5
   new_params = jax.tree.map(lambda p, g: p - lr * g, params, est.grads)
   new_feedback = jax.tree.map(lambda p, g: p - lr * g, feedback, est.solver_grads)
-  gap = lambda a, b: _flat(a) - _flat(b)
+  gap = lambda a, b: zoo.flat(a) - zoo.flat(b)
   np.testing.assert_allclose(gap(new_feedback, new_params),
                              (1 - lr * 0.1) * gap(feedback, params), rtol=1e-10)
   # The random feedback changes the control (no weight transport) ...
-  assert not np.allclose(_flat(est.grads), _flat(kp.grads))
+  assert not np.allclose(zoo.flat(est.grads), zoo.flat(kp.grads))

@@ -137,6 +137,23 @@ def newton_equilibrium(problem, params, example, tol=1e-13, iters=100):
   return unravel(v)
 
 
+# Relaxations tight enough that solver errors reflect the method, not the budget.
+TIGHT_FREE = {"strategy": "anderson", "strategy_options": {"dt": 0.3}, "rtol": 1e-12,
+              "max_steps": 5000}
+TIGHT_CONTROLLED = {"strategy": "anderson", "strategy_options": {"dt": 0.2, "memory": 8},
+                    "rtol": 1e-12, "max_steps": 20000}
+
+
+def flat(tree) -> np.ndarray:
+  """A pytree as one flat numpy vector."""
+  return np.asarray(ravel_pytree(tree)[0])
+
+
+def rel_err(a, b) -> float:
+  """max |a - b| / max |b|."""
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
 def exact_implicit_gradient(problem, params, batch):
   """Eq. 5 with dense matrices: mean over the batch of
   -d_theta f^T (d_phi f)^{-T} grad_phi L at the Newton equilibrium."""
