@@ -2,7 +2,7 @@
 """Figure 2 of the paper: training loss L and amount of control ||psi*|| = sqrt(2H)
 after training, against the width of an equilibrium RNN trained by LCP-DI on MNIST.
 
-    python benchmarks/figure2_width.py --widths 16,32,64,128,256,512,1024 --epochs 10
+    python benchmarks/figure2_width.py --widths 16,32,64,128,256,512,1024 --epochs 8
 
 trains ``mnist_rnn:<preset>`` with ``lcp_di`` at each width through
 ``launch/sweep.py`` (resumable) and plots, per width, the training
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
   overrides = [a for a in argv if a.startswith("--config.")]
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--widths", default="16,32,64,128,256,512,1024")
-  p.add_argument("--epochs", type=int, default=10)
+  p.add_argument("--epochs", type=int, default=8)
   p.add_argument("--seeds", default="0")
   p.add_argument("--preset", default="fast")
   p.add_argument("--workers", type=int, default=1)
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
   p.add_argument("--results", type=Path,
                  default=ROOT / "benchmarks" / "results" / "figure2_width.png")
   p.add_argument("--report_only", action="store_true")
+  p.add_argument("--note", action="append", default=[],
+                 help="a paragraph appended to the markdown file (repeatable)")
   args = p.parse_args([a for a in argv if not a.startswith("--config.")])
 
   cmd = [sys.executable, str(ROOT / "launch" / "sweep.py"), "--config",
@@ -100,6 +102,7 @@ def main(argv=None) -> int:
             "see configs/mnist_ff.py); L is the plain mean cross-entropy.",
             f"- machine: {common.machine_description()}, float32",
             f"- written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+  lines += [""] + [n + "\n" for n in args.note]
   atomic_write_text(args.results.with_suffix(".md"), "\n".join(lines))
   print("\n".join(lines))
   return 0
