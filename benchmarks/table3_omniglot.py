@@ -85,7 +85,10 @@ def main(argv=None) -> int:
   lines = [
       "# Table 3: meta-learning complex synapses on Omniglot", "",
       f"Command: `python benchmarks/table3_omniglot.py --config {args.config} --seeds "
-      f"{args.seeds}{''.join(' ' + x for x in overrides)}`", "",
+      f"{args.seeds} --solvers {args.solvers}"
+      f"{' --report_only' if args.report_only else ''}{' --no_init_row' if args.no_init_row else ''}"
+      f"{''.join(' ' + x for x in overrides)}{' --note ...' * len(args.note)}` "
+      f"(the notes are the paragraphs under the table)", "",
       f"Machine: {common.machine_description()}; each run's summary.json is under "
       f"`{args.sweepdir}`.", "",
       f"Protocol of THIS table (config `{args.config}`): {o.n_way}-way {o.k_shot}-shot, "

@@ -85,11 +85,8 @@ def _exact(name):
 
 
 def _estimate(name, solver_name, **options):
-  problem, params, batch = _problem(name)
   options.setdefault("free", zoo.TIGHT_FREE)
-  solver = solvers.get_solver(solver_name, **options)
-  sp = solver.init(problem, params, jax.random.key(0))
-  return jax.jit(lambda p, b: solver(problem, p, sp, b))(params, batch)
+  return zoo.solver_estimate(_problem(name), solver_name, **options)
 
 
 def _examples(batch):

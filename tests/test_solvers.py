@@ -34,10 +34,7 @@ def _exact(name):
 
 
 def _estimate(name, solver_name, **options):
-  problem, params, batch = _zoo(name)
-  solver = solvers.get_solver(solver_name, **options)
-  solver_params = solver.init(problem, params, jax.random.key(0))
-  return jax.jit(lambda p, sp, b: solver(problem, p, sp, b))(params, solver_params, batch)
+  return zoo.solver_estimate(_zoo(name), solver_name, **options)
 
 
 IMPLICIT_CASES = [

@@ -154,6 +154,15 @@ def rel_err(a, b) -> float:
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def solver_estimate(instance, solver_name: str, **options):
+  """One jitted call of solver ``solver_name`` on ``instance = (problem, params, batch)``."""
+  import solvers  # noqa: PLC0415
+  problem, params, batch = instance
+  solver = solvers.get_solver(solver_name, **options)
+  solver_params = solver.init(problem, params, jax.random.key(0))
+  return jax.jit(lambda p, sp, b: solver(problem, p, sp, b))(params, solver_params, batch)
+
+
 def exact_implicit_gradient(problem, params, batch):
   """Eq. 5 with dense matrices: mean over the batch of
   -d_theta f^T (d_phi f)^{-T} grad_phi L at the Newton equilibrium."""
