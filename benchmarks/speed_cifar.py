@@ -7,7 +7,7 @@ Part 1 (micro): one convolution layer, repeated N times in straight-line
 jitted code vs inside a ``lax.fori_loop`` body (which is a while-loop), for
 the forward convolution, its input VJP as emitted by jax's transpose rule
 (kernel dims ``[0, 1, o, i]``), the same VJP written with an HWIO kernel
-(``problems.cifar.conv2d``'s custom rule), and that in chunks of 5 steps per
+(``problems.layers.conv2d``'s custom rule), and that in chunks of 5 steps per
 loop iteration (the engine's ``steps_per_check``).
 
 Part 2 (solvers): the quick presets of ``cifar10_ff``, ``cifar10_deq`` and
@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from problems import cifar  # noqa: E402
+from problems import cifar, layers  # noqa: E402
 
-DN = cifar.DN
+DN = layers.DN
 
 
 def _best_ms(fn, arg, repeats=3):
@@ -68,7 +68,7 @@ def micro(batch: int, n: int) -> list[str]:
     x = jax.random.normal(key, (batch, h, h, ci))
     h_out = (h + 2 * p - k) // s + 1
     g = jax.random.normal(key, (batch, h_out, h_out, co))
-    conv = lambda z, impl="xla": jax.vmap(lambda zi: cifar.conv2d(zi, w, s, p, impl))(z)
+    conv = lambda z, impl="xla": jax.vmap(lambda zi: layers.conv2d(zi, w, s, p, impl))(z)
 
     def fwd(z):  # keeps the carry's shape: conv, then a cheap map back
       return z + 1e-3 * jnp.mean(jnp.tanh(conv(z)))
@@ -136,7 +136,7 @@ def use_synthetic_data(n_train: int) -> None:
     return (rng.standard_normal((n, 32, 32, 3)).astype(np.float32),
             rng.integers(0, 10, n).astype(np.int32), "SYNTHETIC random inputs (timing only)")
 
-  cifar._load_split = load_split
+  cifar.load_split = load_split
   inr.load_image = lambda name, size: rng.random((size, size, 3)).astype(np.float32)
 
 

@@ -178,7 +178,7 @@ def cifar_source_now(c) -> str:
     return "no data: neither data_dir nor $BILEVEL_DATA_DIR is set (the runs would fail)"
   root = Path(where).expanduser()
   from problems.datasets import cifar10  # noqa: PLC0415
-  if cifar10._pickle_dir(root) is not None:  # noqa: SLF001 -- the loader's own test
+  if cifar10.pickle_dir(root) is not None:  # the loader's own test
     return f"the lossless python batches under {root}"
   if (root / "cifar10_jpeg_train.npz").is_file():
     return (f"the **LOSSY JPEG (q75) copy** in {root} (pixels differ from the original; "

@@ -1,6 +1,6 @@
 """CIFAR-10, deep equilibrium model (Table 2, "C10 (RNN)").
 
-Problem: ``problems/cifar.py:deq_problem`` -- a residual block of 3x3
+Problem: ``problems/models/cifar.py:deq_problem`` -- a residual block of 3x3
 convolutions with group norm repeated to equilibrium, a conv encoder and a
 pooled linear decoder (the decoder is a logits component of the state, eq.
 11's block view). Solvers: ``rbp`` (reference) and ``lcp_di``; ``bp``

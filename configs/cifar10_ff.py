@@ -1,6 +1,6 @@
 """CIFAR-10, convolutional feedforward net as an equilibrium (Table 2, "C10 (FF)").
 
-Problem: ``problems/cifar.py:ff_problem`` (eq. 11 with block-structured
+Problem: ``problems/models/cifar.py:ff_problem`` (eq. 11 with block-structured
 convolutions, ReLU, logits as the output units). Solvers: ``bp`` (reference),
 ``lcp_di`` (dynamic inversion, eq. 8/14), ``lcp_kp`` (dynamic inversion whose
 feedback convolutions are learned by Kolen-Pollack); ``rbp`` works too.

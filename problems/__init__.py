@@ -1,8 +1,15 @@
 """Problem builders: ``config -> Task`` (see :mod:`problems.base`).
 
+Layout: ``models/`` holds the ``BilevelProblem`` factories (one example, no
+config, no data), ``layers`` and ``losses`` their shared pieces,
+``convnet`` the haiku conv net of Omniglot, ``datasets/`` the data,
+``evaluation`` the one evaluator every ``Task.evaluate`` is made from, and
+``NAME.py`` the builder of each experiment (config -> data + model + Task).
+Problems never build solvers: ``Task.evaluate(params, solver)`` is given one.
+
 Entries are import paths so that building one problem never imports the
-others (and their data). Add a problem: write ``problems/NAME.py`` with a
-``build(config) -> Task`` function and add one line here.
+others (and their data). Add a problem: write its model (``problems/models/``),
+a ``build(config) -> Task`` function in ``problems/NAME.py``, and one line here.
 """
 
 from __future__ import annotations

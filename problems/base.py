@@ -35,3 +35,15 @@ class Task:
   train_batch: Callable[[int], PyTree]
   evaluate: Optional[Callable[[PyTree, Any], dict]] = None
   notes: str = ""
+
+
+def problem_options(config: Any, defaults: dict, problem: str) -> dict:
+  """``config.problem_options`` over ``defaults``. Unknown keys raise: a misspelt
+  option must not silently leave its default in place."""
+  given = config.get("problem_options", None) or {}
+  given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+  unknown = set(given) - set(defaults)
+  if unknown:
+    raise ValueError(f"unknown problem_options {sorted(unknown)} for {problem!r}; valid: "
+                     f"{', '.join(sorted(defaults))}")
+  return {**defaults, **given}

@@ -1,172 +1,30 @@
-"""Equilibrium networks on MNIST (section 3.1, eq. 11): feedforward and recurrent.
+"""MNIST tasks (section 3.1): ``mnist_ff`` and ``mnist_rnn``, config -> Task.
 
-The free dynamics of every unit is eq. 11, ``dphi/dt = -phi + W sigma(phi) + U x``,
-with a tanh ``sigma``. The state (one example) is a dict
+The networks are :mod:`problems.models.mnist` (eq. 11). Training batches are a
+pure function of ``(config.seed, step)``; evaluation is the free equilibrium on
+the whole test set (``test/...``) and on the first ``eval_train_examples``
+training images (``train/...``), see :mod:`problems.evaluation`.
 
-* ``"hidden"``: a tuple of hidden layers (each ``[width]``),
-* ``"out"``: the ``[10]`` output units, linear (nothing reads ``sigma(out)``),
-  on which the cross-entropy is measured.
-
-Two shapes of ``W`` (biases on every weighted input, PyTorch default
-initialisation ``U(+-1/sqrt(fan_in))`` as in the paper authors' code):
-
-* ``build_ff`` (``mnist_ff``): eq. 11 with a block-structured ``W`` -- two
-  hidden layers, ``h1 = U x + b1``, ``h2 = W2 sigma(h1) + b2``,
-  ``out = D sigma(h2) + b3``. Three Euler steps of size 1 from any state give
-  the exact feedforward pass.
-* ``build_rnn`` (``mnist_rnn``): one fully connected recurrent layer,
-  ``h = W sigma(h) + U x + b``, ``out = D sigma(h) + b3``.
-
-Loss convention (``problem_options.batch_mean_loss``, default True): the loss
-of one example is its share ``CE / batch_size`` of the batch-mean
-cross-entropy, which is what the output controller of the paper authors' code
-integrates (``u' = -grad_y mean_batch(CE) - alpha u``). With it the LCP
-hyperparameters of their commands (alpha = 0.1, k_i = 1, EBD beta = 1/alpha)
-mean the same thing here. Every gradient is then 1/batch_size of theirs
-(invisible to Adam; their gradient-norm clip 10 becomes ``10 / batch_size``).
-The problem's ``metrics`` report the unscaled ``cross_entropy`` and ``accuracy``.
-
-The problem also exposes the network structure the linear-feedback circuit
-(``solvers/lcp_lf.py``) needs: ``feedback_units`` (the hidden units Q projects
-onto) and ``feedback_modulation`` (``sigma'(phi)``, 1 on linear units).
+Loss convention (``problem_options.batch_mean_loss``, default True): an
+example's loss is ``CE / batch_size``, its share of the batch-mean
+cross-entropy, as in the paper authors' code (details in the model's module).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-from typing import Any, Callable, Optional
+from typing import Any
 
-import haiku as hk
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from bilevel.problem import BilevelProblem
 from problems import datasets
-from problems.base import Task
-
-PyTree = Any
-NUM_CLASSES = 10
-INPUT_DIM = 784
-ACTIVATIONS = {"tanh": (jnp.tanh, lambda v: 1.0 - jnp.tanh(v) ** 2)}
-SHAPES = ("ff", "rnn")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class EquilibriumNetProblem(BilevelProblem):
-  """A :class:`BilevelProblem` that also exposes its neural structure.
-
-  feedback_units: ``state -> pytree``, the (hidden) units a direct linear
-    feedback ``Q`` projects onto; a linear selection of the state.
-  feedback_modulation: ``state -> pytree like state``, ``sigma'(phi)`` on
-    units read through ``sigma`` and 1 on linear units: the factor of the
-    modified linear-feedback update ``dW = sigma'(phi) Q u sigma(phi)^T``.
-  """
-  feedback_units: Optional[Callable[[PyTree], PyTree]] = None
-  feedback_modulation: Optional[Callable[[PyTree], PyTree]] = None
-
-
-def _torch_linear(out: int, fan_in: int, name: str) -> hk.Linear:
-  bound = 1.0 / math.sqrt(fan_in)
-  return hk.Linear(out, name=name,
-                   w_init=hk.initializers.RandomUniform(-bound, bound),
-                   b_init=hk.initializers.RandomUniform(-bound, bound))
-
-
-class EquilibriumNet(hk.Module):
-  """The vector field of eq. 11 for one example; ``__call__(state, x) -> dstate``."""
-
-  def __init__(self, shape: str, width: int, activation: str = "tanh",
-               input_dim: int = INPUT_DIM, name: Optional[str] = None):
-    super().__init__(name=name)
-    self.shape, self.width, self.input_dim = shape, width, input_dim
-    self.sigma = ACTIVATIONS[activation][0]
-
-  def __call__(self, state: PyTree, x: jax.Array) -> PyTree:
-    w = self.width
-    drive = _torch_linear(w, self.input_dim, "input")(x)  # U x + b
-    readout = _torch_linear(NUM_CLASSES, w, "readout")
-    if self.shape == "ff":
-      h1, h2 = state["hidden"]
-      hidden = (-h1 + drive, -h2 + _torch_linear(w, w, "hidden")(self.sigma(h1)))
-      top = h2
-    else:
-      (h,) = state["hidden"]
-      hidden = (-h + _torch_linear(w, w, "recurrent")(self.sigma(h)) + drive,)
-      top = h
-    return {"hidden": hidden, "out": -state["out"] + readout(self.sigma(top))}
-
-
-def zero_state(shape: str, width: int, dtype=jnp.float32) -> PyTree:
-  layers = 2 if shape == "ff" else 1
-  return {"hidden": tuple(jnp.zeros(width, dtype) for _ in range(layers)),
-          "out": jnp.zeros(NUM_CLASSES, dtype)}
-
-
-def make_problem(shape: str, width: int = 256, *, activation: str = "tanh",
-                 loss_scale: float = 1.0, input_dim: int = INPUT_DIM) -> EquilibriumNetProblem:
-  """The equilibrium network of eq. 11 with a cross-entropy loss on ``out``.
-
-  One example is ``{"x": [input_dim] float, "label": int}``. ``loss_scale``
-  multiplies the per-example cross-entropy (see the module docstring). Params
-  take the dtype of the example's ``x`` given to ``init_params``.
-  """
-  if shape not in SHAPES:
-    raise ValueError(f"network shape must be one of {SHAPES}, got {shape!r}")
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-  net = hk.without_apply_rng(hk.transform(
-      lambda state, x: EquilibriumNet(shape, width, activation, input_dim,
-                                      name=f"mnist_{shape}")(state, x)))
-  d_sigma = ACTIVATIONS[activation][1]
-
-  def init_params(key, example):
-    return net.init(key, zero_state(shape, width, example["x"].dtype), example["x"])
-
-  def dynamics(params, state, example):
-    return net.apply(params, state, example["x"])
-
-  def cross_entropy(logits, label):
-    return -jax.nn.log_softmax(logits)[label]
-
-  def loss(logits, example):
-    return loss_scale * cross_entropy(logits, example["label"])
-
-  def metrics(logits, example):
-    return {"accuracy": (jnp.argmax(logits) == example["label"]).astype(jnp.float32),
-            "cross_entropy": cross_entropy(logits, example["label"])}
-
-  def modulation(state):
-    return {"hidden": tuple(d_sigma(h) for h in state["hidden"]),
-            "out": jnp.ones_like(state["out"])}
-
-  example = {"x": jnp.zeros(input_dim, jnp.float32), "label": jnp.zeros((), jnp.int32)}
-  return EquilibriumNetProblem(
-      dynamics=dynamics, loss=loss, output=lambda state: state["out"],
-      init_state=lambda params, ex: zero_state(shape, width, ex["x"].dtype),
-      init_params=init_params, metrics=metrics, name=f"mnist_{shape}", example=example,
-      feedback_units=lambda state: state["hidden"], feedback_modulation=modulation)
-
-
-# ----- Task: data + evaluation ---------------------------------------------------
+from problems.base import Task, problem_options
+from problems.evaluation import Evaluator
+from problems.models.mnist import make_problem
 
 DEFAULT_OPTIONS = {"width": 256, "activation": "tanh", "normalize": True, "data": "shipped",
                    "batch_mean_loss": True, "eval_batch_size": 1000,
                    "eval_train_examples": 10000}
 
 
-def _options(config) -> dict:
-  given = dict(getattr(config, "problem_options", None) or {})
-  unknown = set(given) - set(DEFAULT_OPTIONS)
-  if unknown:
-    raise ValueError(f"unknown problem_options {sorted(unknown)} for MNIST; valid: "
-                     f"{sorted(DEFAULT_OPTIONS)}")
-  return {**DEFAULT_OPTIONS, **given}
-
-
-def _load(opts, data_dir, split):
+def _load(opts: dict, data_dir: str, split: str):
   if opts["data"] == "shipped":
     return datasets.load_mnist(split, data_dir or None, normalize=opts["normalize"])
   if opts["data"] == "tfds":
@@ -174,46 +32,9 @@ def _load(opts, data_dir, split):
   raise ValueError(f"problem_options.data must be 'shipped' or 'tfds', got {opts['data']!r}")
 
 
-def make_evaluator(problem: BilevelProblem, x: np.ndarray, y: np.ndarray,
-                   batch_size: int) -> Callable[[PyTree, Any], dict]:
-  """``(params, solver) -> {accuracy, cross_entropy, free/...}``: means over all of
-  (x, y) at the free equilibrium, in batches of ``batch_size`` (the last one
-  zero-padded and masked)."""
-  from bilevel.train import data_mesh  # local: keeps problem import light
-
-  n = len(x)
-  n_dev = data_mesh().devices.size
-  batch_size = max(n_dev, batch_size - batch_size % n_dev)
-  pad = (-n) % batch_size
-  xs = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-  ys = np.concatenate([y, np.zeros((pad,), y.dtype)])
-  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-
-  @functools.lru_cache(maxsize=8)
-  def per_example_fn(solver):
-    def fn(params, batch):
-      free = solver.free_equilibrium(problem, params, batch)
-      out = jax.vmap(problem.metrics)(jax.vmap(problem.output)(free.value), batch)
-      out["free/iterations"] = free.iterations.astype(jnp.float32)
-      out["free/converged_fraction"] = free.converged.astype(jnp.float32)
-      return out
-    return jax.jit(fn)
-
-  def evaluate(params, solver) -> dict:
-    fn = per_example_fn(solver)
-    totals: dict = {}
-    for start in range(0, len(xs), batch_size):
-      sl = slice(start, start + batch_size)
-      out = fn(params, {"x": xs[sl], "label": ys[sl]})
-      for k, v in out.items():
-        totals[k] = totals.get(k, 0.0) + float(np.sum(np.asarray(v) * mask[sl]))
-    return {k: v / n for k, v in totals.items()}
-
-  return evaluate
-
-
-def build(config, shape: str) -> Task:
-  opts = _options(config)
+def build(config: Any, shape: str) -> Task:
+  """The Task of the ``shape`` (``"ff"`` or ``"rnn"``) network from ``config``."""
+  opts = problem_options(config, DEFAULT_OPTIONS, "mnist")
   data_dir = getattr(config, "data_dir", "") or ""
   x_train, y_train = _load(opts, data_dir, "train")
   x_test, y_test = _load(opts, data_dir, "test")
@@ -227,29 +48,28 @@ def build(config, shape: str) -> Task:
     xb, yb = datasets.get_batch(x_train, y_train, seed, step, batch_size)
     return {"x": xb, "label": yb}
 
-  eval_test = make_evaluator(problem, x_test, y_test, int(opts["eval_batch_size"]))
+  # The first n training images (not a random subset): train/ scores stay comparable
+  # between runs and seeds.
   n_tr = min(int(opts["eval_train_examples"]), len(x_train))
-  eval_train = (make_evaluator(problem, x_train[:n_tr], y_train[:n_tr],
-                               int(opts["eval_batch_size"])) if n_tr else None)
-
-  def evaluate(params, solver) -> dict:
-    out = {f"test/{k}": v for k, v in eval_test(params, solver).items()}
-    if eval_train is not None:
-      out.update({f"train/{k}": v for k, v in eval_train(params, solver).items()})
-    return out
-
+  sets = {"test/": {"x": x_test, "label": y_test}}
+  if n_tr:
+    sets["train/"] = {"x": x_train[:n_tr], "label": y_train[:n_tr]}
+  # The outer loss is CE / batch_size: the metrics' unscaled cross_entropy is reported.
+  evaluator = Evaluator(problem, loss=False, num_devices=int(config.get("num_devices", 0) or 0))
   notes = ("loss = CE / batch_size (the example's share of the batch-mean CE, as in "
            "the paper authors' code)" if opts["batch_mean_loss"] else "")
   return Task(problem=problem, example={"x": x_train[0], "label": y_train[0]},
               steps_per_epoch=datasets.steps_per_epoch(len(x_train), batch_size),
-              train_batch=train_batch, evaluate=evaluate, notes=notes)
+              train_batch=train_batch,
+              evaluate=evaluator.make_evaluate(sets, int(opts["eval_batch_size"])),
+              notes=notes)
 
 
-def build_ff(config) -> Task:
+def build_ff(config: Any) -> Task:
   """``mnist_ff``: 2 x ``width`` tanh hidden layers as a block-structured eq. 11."""
   return build(config, "ff")
 
 
-def build_rnn(config) -> Task:
+def build_rnn(config: Any) -> Task:
   """``mnist_rnn``: one fully connected recurrent layer of ``width`` tanh units."""
   return build(config, "rnn")

@@ -39,20 +39,19 @@ inner residuals so that non-converged tasks are visible.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from bilevel import tree as tu
 from bilevel.problem import BilevelProblem
 from problems import convnet
 from problems.base import Task
 from problems.datasets import omniglot as omni
+from problems.evaluation import Evaluator, num_examples
 
 PyTree = Any
 
@@ -125,55 +124,10 @@ def make_problem(n_way: int = 20, channels: int = 64, blocks: int = 4, lam: floa
       example=example)
 
 
-def _pad_to(batch: dict, multiple: int) -> tuple[dict, int]:
-  n = len(next(iter(batch.values())))
-  extra = (-n) % multiple
-  if extra:
-    batch = {k: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for k, v in batch.items()}
-  return batch, n
-
-
 def _ci95(values: np.ndarray) -> float:
   if len(values) < 2:
     return float("nan")
   return float(1.96 * np.std(values, ddof=1) / math.sqrt(len(values)))
-
-
-def make_evaluator(problem: BilevelProblem, num_devices: int = 0):
-  """``evaluate(params, solver, batches) -> per-task dict`` (numpy), tasks split
-  over devices with ``shard_map`` and vmapped on each; one compile per solver."""
-  from bilevel.train import data_mesh  # noqa: PLC0415 (keeps import light)
-
-  mesh = data_mesh(num_devices or None)
-  n_dev = mesh.devices.size
-  compiled: dict[int, tuple[Any, Any]] = {}
-
-  def build(solver):
-    def local(params, batch):
-      free = solver.free_equilibrium(problem, params, batch)
-      out = jax.vmap(problem.metrics)(free.value, batch)
-      out["loss"] = jax.vmap(problem.outer_loss)(free.value, batch)
-      out["free_residual"] = free.residual
-      out["free_relative_residual"] = free.relative_residual
-      out["free_converged"] = free.converged
-      out["free_iterations"] = free.iterations
-      return out
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("batch")),
-                                 out_specs=P("batch"), check_vma=False))
-
-  def evaluate(params, solver, batches):
-    key = id(solver)
-    if key not in compiled:
-      compiled[key] = (solver, build(solver))
-    fn = compiled[key][1]
-    parts = []
-    for batch in batches:
-      padded, n = _pad_to(batch, n_dev)
-      out = jax.device_get(fn(params, padded))
-      parts.append({k: np.asarray(v)[:n] for k, v in out.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-  return evaluate
 
 
 def build(config: Any) -> Task:
@@ -208,26 +162,22 @@ def build(config: Any) -> Task:
       official = omni.official_one_shot_runs(size, data_dir)
     else:
       notes.append("official one-shot runs skipped (they are 20-way 1-shot)")
-  evaluator = functools.lru_cache(maxsize=1)(
-      lambda: make_evaluator(problem, int(config.get("num_devices", 0) or 0)))
+  eval_tasks = jax.tree.map(lambda *parts: np.concatenate(parts), *eval_batches)
+  evaluator = Evaluator(problem, residual=True,
+                        num_devices=int(config.get("num_devices", 0) or 0))
 
-  def evaluate(params, solver=None) -> dict:
-    if solver is None:  # the config's solver (its free relaxation is the inner loop)
-      import solvers  # noqa: PLC0415
-      opts = (config.get("solvers") or {}).get(config.solver) or {}
-      opts = opts.to_dict() if hasattr(opts, "to_dict") else dict(opts)
-      solver = solvers.get_solver(config.solver, **opts)
-    run = evaluator()
-    per_task = run(params, solver, eval_batches)
+  def evaluate(params, solver) -> dict:
+    per_task = evaluator.per_example(params, solver, eval_tasks, eb)
     acc = per_task["accuracy"]
     out = {"test_accuracy": float(np.mean(acc)), "test_accuracy_ci95": _ci95(acc),
            "test_tasks": float(len(acc)), "test_loss": float(np.mean(per_task["loss"])),
-           "test_free_converged_fraction": float(np.mean(per_task["free_converged"])),
-           "test_free_residual": float(np.mean(per_task["free_residual"])),
-           "test_free_residual_max": float(np.max(per_task["free_residual"])),
-           "test_free_iterations": float(np.mean(per_task["free_iterations"]))}
+           "test_free_converged_fraction": float(np.mean(
+               per_task["free/converged_fraction"])),
+           "test_free_residual": float(np.mean(per_task["free/residual"])),
+           "test_free_residual_max": float(np.max(per_task["free/residual"])),
+           "test_free_iterations": float(np.mean(per_task["free/iterations"]))}
     if official is not None:
-      runs = run(params, solver, [official])
+      runs = evaluator.per_example(params, solver, official, num_examples(official))
       out["official_runs_accuracy"] = float(np.mean(runs["accuracy"]))
       out["official_runs_ci95"] = _ci95(runs["accuracy"])
     return out

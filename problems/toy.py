@@ -25,23 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel.problem import BilevelProblem
-from problems.base import Task
+from problems.base import Task, problem_options
 from problems.datasets import sampling
+from problems.evaluation import Evaluator
 
 _DEFAULTS = {"n_hidden": 16, "n_in": 4, "n_out": 2, "n_train": 256, "n_test": 256,
              "data_seed": 0, "init_gain": 0.5, "nan_batch_steps": ()}
-
-
-def _options(config: Any) -> dict:
-  opts = dict(_DEFAULTS)
-  given = config.get("problem_options", None) or {}
-  given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-  unknown = set(given) - set(_DEFAULTS)
-  if unknown:
-    raise ValueError(f"toy problem has no option(s) {sorted(unknown)}; valid "
-                     f"problem_options: {', '.join(sorted(_DEFAULTS))}")
-  opts.update(given)
-  return opts
 
 
 def make_data(opts: dict) -> dict:
@@ -86,7 +75,7 @@ def make_problem(opts: dict) -> BilevelProblem:
 
 def build(config: Any) -> Task:
   """``config -> Task`` for the toy regression RNN (see the module docstring)."""
-  opts = _options(config)
+  opts = problem_options(config, _DEFAULTS, "toy")
   data = make_data(opts)
   problem = make_problem(opts)
   train, test = data["train"], data["test"]
@@ -104,22 +93,9 @@ def build(config: Any) -> Task:
       batch["x"][0, 0] = np.nan
     return batch
 
-  cache: dict = {}
-
-  def evaluate(params, solver) -> dict:
-    fn = cache.get(id(solver))
-    if fn is None:
-      def fn_(p, batch):
-        free = solver.free_equilibrium(problem, p, batch)
-        ys = jax.vmap(problem.output)(free.value)
-        losses = jax.vmap(problem.loss)(ys, batch)
-        mse = jax.vmap(lambda y, ex: problem.metrics(y, ex)["mse"])(ys, batch)
-        return {"loss": jnp.mean(losses), "mse": jnp.mean(mse),
-                "free/iterations": jnp.mean(free.iterations.astype(jnp.float32)),
-                "free/converged_fraction": jnp.mean(free.converged.astype(jnp.float32))}
-      fn = cache[id(solver)] = (solver, jax.jit(fn_))
-    out = fn[1](params, test)
-    return {k: float(v) for k, v in out.items()}
+  # The whole test set in one batch.
+  evaluator = Evaluator(problem, num_devices=int(config.get("num_devices", 0) or 0))
+  evaluate = evaluator.make_evaluate({"": test}, len(test["x"]))
 
   example = jax.tree.map(lambda a: jnp.asarray(a[0]), train)
   return Task(problem=problem, example=example, steps_per_epoch=spe,

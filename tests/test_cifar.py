@@ -1,4 +1,5 @@
-"""CIFAR-10 problems (problems/cifar.py): the conv FF net and the DEQ.
+"""CIFAR-10 problems (problems/models/cifar.py, problems/layers.py, the builders in
+problems/cifar.py): the conv FF net and the DEQ.
 
 Gradients on tiny instances (6x6 / 4x4 images, 2-4 channels, float64) against
 independent exact answers from tests/zoo.py:
@@ -24,7 +25,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
@@ -32,7 +32,8 @@ from jax.flatten_util import ravel_pytree
 import solvers
 import zoo
 from bilevel import ProblemError
-from problems import cifar
+from problems import layers
+from problems.models import cifar
 
 TIGHT_FREE = {"strategy": "anderson", "strategy_options": {"dt": 0.5}, "rtol": 1e-12,
               "max_steps": 5000}
@@ -88,15 +89,15 @@ def test_loop_friendly_conv_vjp_equals_jax(n, k, s, p):
   w = jax.random.normal(jax.random.key(1), (k, k, 3, 5), jnp.float64)
 
   def loss(x, w, impl):
-    out = jax.vmap(lambda xi: cifar.conv2d(xi, w, s, p, impl))(x)
+    out = jax.vmap(lambda xi: layers.conv2d(xi, w, s, p, impl))(x)
     return jnp.sum(jnp.sin(out))
 
   got = jax.grad(loss, argnums=(0, 1))(x, w, "loop")
   want = jax.grad(loss, argnums=(0, 1))(x, w, "xla")
   np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-12)
-  np.testing.assert_array_equal(jax.vmap(lambda xi: cifar.conv2d(xi, w, s, p, "loop"))(x),
-                                jax.vmap(lambda xi: cifar.conv2d(xi, w, s, p, "xla"))(x))
+  np.testing.assert_array_equal(jax.vmap(lambda xi: layers.conv2d(xi, w, s, p, "loop"))(x),
+                                jax.vmap(lambda xi: layers.conv2d(xi, w, s, p, "xla"))(x))
 
 
 def _kernel_layouts(problem, params, data):
@@ -192,10 +193,10 @@ def test_ff_equilibrium_is_the_forward_pass():
   assert bool(free.converged) and int(free.iterations) == 4  # depth: 2 conv + 1 dense + out
   # explicit forward pass
   enc = jax.lax.conv_general_dilated(ex["x"][None], params["enc"]["w"], (1, 1), "SAME",
-                                     dimension_numbers=cifar.DN)[0] + params["enc"]["b"]
-  h0 = cifar.max_pool(enc, 3, 2)
+                                     dimension_numbers=layers.DN)[0] + params["enc"]["b"]
+  h0 = layers.max_pool(enc, 3, 2)
   h1 = jax.lax.conv_general_dilated(jax.nn.relu(h0)[None], params["conv"][0]["w"], (2, 2),
-                                    ((1, 1), (1, 1)), dimension_numbers=cifar.DN)[0]
+                                    ((1, 1), (1, 1)), dimension_numbers=layers.DN)[0]
   h1 = h1 + params["conv"][0]["b"]
   h2 = jax.nn.relu(h1).reshape(-1) @ params["dense"][0]["w"] + params["dense"][0]["b"]
   logits = jax.nn.relu(h2) @ params["dense"][1]["w"] + params["dense"][1]["b"]

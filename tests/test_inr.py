@@ -1,4 +1,4 @@
-"""Implicit neural representation (problems/inr.py).
+"""Implicit neural representation (problems/models/inr.py, builder in problems/inr.py).
 
 Gradients on a tiny instance (float64) against independent exact answers from
 tests/zoo.py: bp and rbp against the implicit-function-theorem gradient (eq.
@@ -14,7 +14,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
@@ -23,6 +22,7 @@ from PIL import Image
 import solvers
 import zoo
 from problems import inr
+from problems.models import inr as inr_model
 
 TIGHT_FREE = {"strategy": "anderson", "strategy_options": {"dt": 0.5}, "rtol": 1e-12,
               "max_steps": 5000}
@@ -45,9 +45,9 @@ def _setup(activation="tanh"):
   data = {"coords": jax.random.uniform(k1, (3, 2), jnp.float64),
           "rgb": jax.random.uniform(k2, (3, 3), jnp.float64)}
   ex = jax.tree.map(lambda a: a[0], data)
-  problem = inr.inr_problem(inr.fourier_matrix(3, 2.0, 0), hidden=5, out_channels=3,
-                            activation=activation, recurrent_scale=2.0,
-                            spectral_bound=0.8, example=ex)
+  problem = inr_model.inr_problem(inr_model.fourier_matrix(3, 2.0, 0), hidden=5,
+                                  out_channels=3, activation=activation,
+                                  recurrent_scale=2.0, spectral_bound=0.8, example=ex)
   params = problem.init_params(jax.random.key(1), ex)
   assert jax.tree.leaves(params)[0].dtype == jnp.float64
   return problem, params, data
@@ -83,8 +83,9 @@ def test_spectral_bound_makes_the_free_dynamics_a_contraction():
   """With the identity activation d f_h / d h + I is the W used in f."""
   problem, params, data = _setup("tanh")
   ex = jax.tree.map(lambda a: a[0], data)
-  lin = inr.inr_problem(inr.fourier_matrix(3, 2.0, 0), hidden=5, activation="identity",
-                        spectral_bound=0.8, power_iterations=50, example=ex)
+  lin = inr_model.inr_problem(inr_model.fourier_matrix(3, 2.0, 0), hidden=5,
+                              activation="identity", spectral_bound=0.8, power_iterations=50,
+                              example=ex)
   big = dict(params, W=10.0 * params["W"])
   state = lin.init_state(big, ex)
   jac = jax.jacobian(lambda h: lin.f(big, (h, state[1]), ex)[0])(state[0])

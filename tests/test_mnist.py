@@ -1,5 +1,6 @@
-"""MNIST equilibrium networks (problems/mnist.py), their configs, and every solver's
-update on them against an independent dense computation.
+"""MNIST equilibrium networks (problems/models/mnist.py; builders in problems/mnist.py),
+their configs, and every solver's update on them against an independent dense
+computation.
 
 The dense reference writes eq. 11 with explicit matrices -- ``f(phi) = -phi +
 W sigma(phi) + U x + b`` over ALL units (hidden layers then outputs), with the
@@ -10,7 +11,6 @@ is then the outer products of eq. 12 written by hand.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import pytest
 import problems
 import solvers
 from bilevel import config as cfglib
-from problems import mnist
+from problems.models import mnist
 from zoo import augmented_energy_value, exact_implicit_gradient
 
 WIDTH, N_OUT, BATCH, N_IN = 6, 10, 3, 5

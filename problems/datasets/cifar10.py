@@ -45,6 +45,7 @@ __all__ = [
     "load_cifar10_tfds",
     "augment",
     "cache_dir",
+    "pickle_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ def _warn_lossy(path: Path) -> None:
 # ---------------------------------------------------------------- python pickle batches
 
 
-def _pickle_dir(data_dir: Path) -> Path | None:
+def pickle_dir(data_dir: Path) -> Path | None:
+    """The folder of the lossless python batches under ``data_dir`` (or ``data_dir``
+    itself), or None: the loader reads these before the lossy JPEG copy."""
     for d in (data_dir / _PICKLE_DIR, data_dir):
         if (d / "test_batch").is_file() or (d / "data_batch_1").is_file():
             return d
@@ -198,7 +201,7 @@ def load_cifar10(
     if data_dir is None:
         raise missing_file_error(f"CIFAR-10 ({DATA_DIR_ENV} is not set, no data_dir given)", [], _TFDS_HINT)
     root = Path(data_dir).expanduser()
-    folder = _pickle_dir(root)
+    folder = pickle_dir(root)
     if folder is not None:
         x, y = _read_pickle_batches(folder, split)
         log.info("CIFAR-10 %s: lossless python batches from %s", split, folder)
