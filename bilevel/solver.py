@@ -107,6 +107,16 @@ class BatchMask(NamedTuple):
       return jnp.where(mask, x, jnp.zeros((), x.dtype))
     return jax.tree.map(zero, tree)
 
+  def substitute(self, tree: PyTree) -> PyTree:
+    """Dropped examples replaced by the first valid one, so that derivatives
+    taken there are finite (a zero cotangent times a NaN Jacobian is NaN)."""
+    first = jnp.argmax(self.valid)
+
+    def swap(x):
+      mask = self.valid.reshape(self.valid.shape + (1,) * (x.ndim - 1))
+      return jnp.where(mask, x, x[first])
+    return jax.tree.map(swap, tree)
+
   def mean(self, tree: PyTree) -> PyTree:
     """Mean over the valid examples of per-example leaves."""
     every = jnp.all(self.valid)
@@ -128,7 +138,8 @@ class BatchMask(NamedTuple):
   def params_vjp(self, problem: BilevelProblem, params: PyTree, states: PyTree,
                  batch: PyTree, cotangents: PyTree) -> PyTree:
     """``(1/count) sum_valid d_theta f(phi_i)^T c_i`` as one VJP (eqs. 4, 5)."""
-    summed = problem.params_vjp(params, states, batch, self.select(cotangents), count=1)
+    summed = problem.params_vjp(params, self.substitute(states), self.substitute(batch),
+                                self.select(cotangents), count=1)
     return self.scale(summed)
 
 

@@ -60,6 +60,7 @@ def energy_contrast_grad(problem: BilevelProblem, params: PyTree, high: PyTree, 
                          batch: PyTree, mask: BatchMask) -> PyTree:
   """``(1/B) sum_valid [d_theta E(theta, high_i) - d_theta E(theta, low_i)]``, one VJP."""
   energies = jax.vmap(problem.energy, in_axes=(None, 0, 0))
+  high, low, batch = mask.substitute((high, low, batch))
 
   def contrast(p):
     return mask.mean(energies(p, high, batch) - energies(p, low, batch))

@@ -12,6 +12,7 @@ import pytest
 import solvers
 from problems import mnist
 from test_mnist import N_OUT, assert_tree_close, ce_grad, dense, dense_grads, newton, small
+import zoo
 from zoo import tanh_rnn
 
 
@@ -124,3 +125,11 @@ def test_q_scale_stores_q_over_scale_and_keeps_the_sgd_rule():
   for a, b in zip(out[1.0], out[0.25]):
     assert_tree_close(a, b, rtol=1e-9, atol=1e-12)
   assert not np.allclose(out[1.0][0][0], out[1.0][2][0])  # Q did move
+
+
+def test_feedback_units_of_a_flat_state_is_evaluated_abstractly():
+  """Issue 12 item 4: init used to call feedback_units on a ShapeDtypeStruct
+  (``TypeError: 'ShapeDtypeStruct' object is not subscriptable``)."""
+  problem, params, _ = zoo.feedback_rnn(n=8, n_out=2)
+  q = solvers.get_solver("lcp_lf").init(problem, params, jax.random.key(0))
+  assert [leaf.shape for leaf in jax.tree.leaves(q)] == [(6, 2)]
