@@ -70,7 +70,7 @@ def main():
       if solver.needs_energy and not problem.has_energy:
         continue
       sp = solver.init(problem, params, jax.random.key(0))
-      est = jax.jit(lambda p, sp, b: solver(problem, p, sp, b))(params, sp, batch)
+      est = jax.jit(lambda p, sp, b: solver(problem, p, sp, b, jax.random.key(0)))(params, sp, batch)
       g = np.asarray(ravel_pytree(est.grads)[0])
       if sname.startswith("lcp"):
         rng = np.random.default_rng(0)

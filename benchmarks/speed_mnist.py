@@ -64,7 +64,7 @@ def setup(net: str, preset: str, solver_name: str):
 
   @jax.jit
   def trip_counts(params, solver_params, batch):
-    stats = solver(task.problem, params, solver_params, batch).stats
+    stats = solver(task.problem, params, solver_params, batch, jax.random.key(0)).stats
     counts = {k: v.max() for k, v in stats.items() if k.endswith("/iterations")}
     if getattr(solver, "learn_q", False):  # lcp_lf: the noisy relaxation of the Q rule
       counts["q_learning/iterations"] = solver.noise_steps

@@ -21,17 +21,22 @@
   alpha -> 0.
 * :func:`least_control_update` -- Theorem 1 (eq. 4): ``grad_theta H = -d_theta
   f(phi*, theta)^T psi*``, as one VJP over the batch.
+* :class:`LeastControl` -- the solver flow every LCP circuit shares (free
+  equilibrium -> controlled equilibrium started there -> Theorem 1's update).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import jax
 
+from bilevel import fixed_point as fp
 from bilevel import tree as tu
 from bilevel.problem import BilevelProblem
+from bilevel.relaxation import Relaxation
+from bilevel.solver import Gradient, Solver
 
 PyTree = Any
 
@@ -121,3 +126,81 @@ def least_control_update(problem: BilevelProblem, params: PyTree, states: PyTree
                          controls: PyTree, batch: PyTree) -> PyTree:
   """Theorem 1, eq. 4: ``grad_theta H = -(1/B) sum_i d_theta f(phi_i*)^T psi_i*``."""
   return problem.params_vjp(params, states, batch, tu.tree_scale(-1.0, controls))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeastControl(Solver):
+  """Shared flow of the LCP circuits (free -> controlled -> Theorem 1 update).
+
+  A circuit gives :meth:`field` (its controlled dynamics) and :meth:`control`
+  (where psi* is read); :meth:`signal` and :meth:`extra_gradients` let a
+  circuit change the update. Defaults from the paper authors' MNIST runs.
+  """
+  name: ClassVar[str] = "lcp"
+
+  alpha: float = 0.1
+  k_i: float = 1.0
+  k_p: float = 0.0
+  # The joint controlled dynamics are stable but lightly damped; forward Euler
+  # at dt = 1 can oscillate or blow up, Anderson acceleration settles them.
+  controlled: Relaxation = Relaxation(strategy=fp.Anderson(dt=0.5, memory=5), rtol=1e-6,
+                                      max_steps=800)
+
+  def __post_init__(self):
+    if self.alpha < 0 or self.k_i <= 0 or self.k_p < 0:
+      raise ValueError(f"{self.name}: need alpha >= 0, k_i > 0 and k_p >= 0; got "
+                       f"alpha={self.alpha}, k_i={self.k_i}, k_p={self.k_p}")
+
+  @property
+  def controller(self) -> OutputController:
+    return OutputController(self.alpha, self.k_i, self.k_p)
+
+  def initial_state(self, problem: BilevelProblem, phi: PyTree, example: PyTree):
+    return OutputControlledState(phi, tu.tree_zeros_like(problem.output(phi)))
+
+  def field(self, problem, params, solver_params, example):
+    raise NotImplementedError
+
+  def control(self, problem, params, solver_params, z, example) -> PyTree:
+    """psi* read from the controlled steady state z."""
+    raise NotImplementedError
+
+  def signal(self, problem, phi_star: PyTree, psi: PyTree) -> PyTree:
+    """The per-example cotangent of the update (psi* for Theorem 1)."""
+    return psi
+
+  def extra_gradients(self, params, solver_params, grads):
+    """(grads for params, grads for solver_params) from the local update."""
+    return grads, ()
+
+  def learn(self, problem, params, solver_params, batch, res, mask, key):
+    """(solver_grads or None, extras) from the controlled steady states."""
+    return None, {}
+
+  def controlled_equilibria(self, problem, params, solver_params, phis, batch):
+    """Per-example controlled equilibria, psi* and ||f(phi*) + psi*|| (eq. 3)."""
+
+    def one(phi, example):
+      res = self.controlled.solve(self.field(problem, params, solver_params, example),
+                                  self.initial_state(problem, phi, example))
+      psi = self.control(problem, params, solver_params, res.value, example)
+      violation = tu.tree_norm(tu.tree_add(problem.f(params, res.value.phi, example), psi))
+      return res, psi, violation
+
+    return jax.vmap(one)(phis, batch)
+
+  def gradient(self, problem, params, solver_params, batch, free, mask, key) -> Gradient:
+    """Theorem 1 (eq. 4) at the controlled equilibrium started at phi*."""
+    res, psi, violation = self.controlled_equilibria(problem, params, solver_params,
+                                                     free.value, batch)
+    mask = mask.refine(res)
+    signal = self.signal(problem, res.value.phi, psi)
+    update = mask.params_vjp(problem, params, res.value.phi, batch,
+                             tu.tree_scale(-1.0, signal))
+    grads, solver_grads = self.extra_gradients(params, solver_params, update)
+    learned, extras = self.learn(problem, params, solver_params, batch, res, mask, key)
+    if learned is not None:
+      solver_grads = learned
+    extras.update({"psi_norm": jax.vmap(tu.tree_norm)(psi), "constraint_violation": violation,
+                   "controlled_loss": jax.vmap(problem.outer_loss)(res.value.phi, batch)})
+    return Gradient(grads, solver_grads, {"controlled": res}, extras, mask)

@@ -20,6 +20,16 @@ point, or a meta-learning task); the solvers vmap them over a batch:
   used by the training loop);
 * ``metrics(output, example) -> dict`` -- extra per-example scores (optional).
 
+Optional hooks that only some solvers need (``None`` unless given; a solver
+that needs one says so with a clear error):
+
+* ``feedback_units(state) -> pytree`` -- the hidden units a learned direct
+  linear feedback ``Q`` projects onto (eq. 13, ``lcp_lf``); a linear selection
+  of the state.
+* ``feedback_modulation(state) -> pytree like state`` -- ``sigma'(phi)`` on
+  units read through ``sigma`` and 1 on linear units (``lcp_lf``'s modified
+  update ``dW = sigma'(phi) Q u sigma(phi)^T``).
+
 Nothing here mentions a solver: every solver in ``solvers/`` works on any
 problem through the derived quantities below (VJPs of f, the output adjoint).
 """
@@ -58,6 +68,17 @@ class BilevelProblem:
   metrics: Optional[Callable[[PyTree, PyTree], dict]] = None
   name: str = "problem"
   example: Any = None
+  feedback_units: Optional[Callable[[PyTree], PyTree]] = None
+  feedback_modulation: Optional[Callable[[PyTree], PyTree]] = None
+
+  def require(self, hook: str, solver: str, why: str) -> Callable:
+    """The optional hook ``hook``, or a ValueError naming ``solver`` and ``why``."""
+    value = getattr(self, hook)
+    if value is None:
+      raise ValueError(f"solver {solver!r} needs the problem to give `{hook}` ({why}); "
+                       f"{self.name!r} does not. Give it (see BilevelProblem's "
+                       "docstring) or use another solver.")
+    return value
 
   def __post_init__(self):
     if (self.dynamics is None) == (self.energy is None):
@@ -105,15 +126,19 @@ class BilevelProblem:
     return vjp(v)[0]
 
   def params_vjp(self, params: PyTree, states: PyTree, batch: PyTree,
-                 cotangents: PyTree) -> PyTree:
+                 cotangents: PyTree, count: Optional[int] = None) -> PyTree:
     """``(1/B) sum_i d_theta f(phi_i, theta)^T c_i`` over a batch, as ONE VJP.
 
     ``states``, ``batch`` and ``cotangents`` carry a leading batch axis B.
+    ``count=1`` returns the plain sum (callers that drop examples divide).
     """
     batched_f = jax.vmap(self.f, in_axes=(None, 0, 0))
     _, vjp = jax.vjp(lambda p: batched_f(p, states, batch), params)
-    size = jax.tree.leaves(cotangents)[0].shape[0]
-    return tu.tree_scale(1.0 / size, vjp(cotangents)[0])
+    summed = vjp(cotangents)[0]
+    if count == 1:
+      return summed
+    size = jax.tree.leaves(cotangents)[0].shape[0] if count is None else count
+    return tu.tree_scale(1.0 / size, summed)
 
   # ----- checks -------------------------------------------------------------
 

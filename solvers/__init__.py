@@ -1,7 +1,10 @@
 """Meta-gradient solvers, interchangeable by name on any bilevel problem.
 
 ``get_solver("lcp_di", alpha=0.05)`` builds one; :data:`REGISTRY` maps names to
-classes. Adding a solver is one new module plus one entry here.
+classes. Adding a solver is one new module plus one entry here (the contract
+test ``tests/test_solver_contract.py`` then runs it on every zoo problem). The
+protocol (:class:`Solver`, :class:`GradientEstimate`, :class:`PhaseStats`) lives
+in :mod:`bilevel.solver`.
 """
 
 from __future__ import annotations
@@ -10,13 +13,18 @@ import dataclasses
 from typing import Any, Mapping
 
 from bilevel.relaxation import Relaxation, relaxation_from_config
-from solvers.base import GradientEstimate, Solver
+from bilevel.solver import GradientEstimate, PhaseStats, Solver
 from solvers.bp import Backprop
 from solvers.cml import ContrastiveMetaLearning
-from solvers.first_order import FirstOrderMAML, Reptile
-from solvers.lcp import DirectControl, DynamicInversion, EnergyBased, KolenPollack
+from solvers.fomaml import FirstOrderMAML
+from solvers.imaml import ImplicitMAML
+from solvers.lcp_di import DynamicInversion
+from solvers.lcp_direct import DirectControl
+from solvers.lcp_ebd import EnergyBased
+from solvers.lcp_kp import KolenPollack
 from solvers.lcp_lf import LinearFeedback
-from solvers.rbp import ImplicitMAML, RecurrentBackprop
+from solvers.rbp import RecurrentBackprop
+from solvers.reptile import Reptile
 from solvers.t1t2 import T1T2
 
 REGISTRY: dict[str, type[Solver]] = {
@@ -61,4 +69,4 @@ def get_solver(name: str, **options: Any) -> Solver:
   return cls(**built)
 
 
-__all__ = ["REGISTRY", "get_solver", "GradientEstimate", "Solver"]
+__all__ = ["REGISTRY", "get_solver", "GradientEstimate", "PhaseStats", "Solver"]

@@ -13,23 +13,31 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from solvers.base import GradientEstimate, Solver, relaxation_stats
+from bilevel.fixed_point import Status
+from bilevel.solver import BatchMask, GradientEstimate, PhaseStats, Solver
 
 
 @dataclasses.dataclass(frozen=True)
 class Backprop(Solver):
+  """Differentiates the unrolled free phase; the only phase is ``free``."""
   name: ClassVar[str] = "bp"
   num_steps: int = 100
 
-  def __call__(self, problem, params, solver_params, batch) -> GradientEstimate:
+  def __call__(self, problem, params, solver_params, batch, key, *,
+               drop_invalid: bool = True) -> GradientEstimate:
+    """The gradient of the mean loss after ``num_steps`` unrolled steps."""
 
     def batch_objective(p):
       def one(example):
         field = lambda s: problem.f(p, s, example)
         return self.free.unrolled(field, problem.init_state(p, example), self.num_steps)
       res = jax.vmap(one)(batch)
-      loss, outputs = self.batch_loss(problem, res.value, batch)
-      return loss, (res, outputs)
+      losses = jax.vmap(problem.outer_loss)(res.value, batch)
+      valid = jax.lax.stop_gradient(jnp.isfinite(losses) & (res.status != Status.NONFINITE))
+      mask = BatchMask(valid if drop_invalid else jnp.ones_like(valid), drop_invalid)
+      return mask.mean(losses), (res, mask)
 
-    (loss, (res, outputs)), grads = jax.value_and_grad(batch_objective, has_aux=True)(params)
-    return GradientEstimate(grads, (), loss, outputs, relaxation_stats("free", res))
+    (loss, (res, mask)), grads = jax.value_and_grad(batch_objective, has_aux=True)(params)
+    outputs = jax.vmap(problem.output)(res.value)
+    return GradientEstimate(grads, (), loss, outputs, {"free": PhaseStats.of(res)}, {},
+                            mask.valid)

@@ -20,7 +20,7 @@ complex synapse (eq. 16) ``d_omega E = lambda (omega - phi)`` and the rule is
 ``grad_omega = lambda (phi_{-beta} - phi_{+beta}) / (2 beta)``.
 
 :func:`nudged_equilibria` (relaxation of ``E + beta L``) is shared with
-``reptile`` (:mod:`solvers.first_order`).
+``reptile`` (:mod:`solvers.reptile`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from bilevel import tree as tu
 from bilevel.fixed_point import FixedPointResult
 from bilevel.problem import BilevelProblem
 from bilevel.relaxation import Relaxation
-from solvers.base import GradientEstimate, Solver, relaxation_stats
+from bilevel.solver import BatchMask, Gradient, Solver
 
 PyTree = Any
 
@@ -57,12 +57,13 @@ def nudged_equilibria(problem: BilevelProblem, params: PyTree, batch: PyTree, be
 
 
 def energy_contrast_grad(problem: BilevelProblem, params: PyTree, high: PyTree, low: PyTree,
-                         batch: PyTree) -> PyTree:
-  """``(1/B) sum_i [d_theta E(theta, high_i) - d_theta E(theta, low_i)]``, one VJP."""
+                         batch: PyTree, mask: BatchMask) -> PyTree:
+  """``(1/B) sum_valid [d_theta E(theta, high_i) - d_theta E(theta, low_i)]``, one VJP."""
   energies = jax.vmap(problem.energy, in_axes=(None, 0, 0))
+  high, low, batch = mask.substitute((high, low, batch))
 
   def contrast(p):
-    return jnp.mean(energies(p, high, batch) - energies(p, low, batch))
+    return mask.mean(energies(p, high, batch) - energies(p, low, batch))
 
   return jax.grad(contrast)(params)
 
@@ -86,18 +87,16 @@ class ContrastiveMetaLearning(Solver):
       raise ValueError(f"cml needs beta > 0 (the nudging strength), got {self.beta}")
     return super().init(problem, params, key)
 
-  def __call__(self, problem: BilevelProblem, params: PyTree, solver_params: PyTree,
-               batch: PyTree) -> GradientEstimate:
-    free = self.free_equilibrium(problem, params, batch)
+  def gradient(self, problem, params, solver_params, batch, free, mask, key) -> Gradient:
+    """Nudged phases from phi*, then the energy contrast over 2 beta (or beta)."""
     plus = nudged_equilibria(problem, params, batch, self.beta, self.nudged, free.value)
-    stats = {**relaxation_stats("free", free), **relaxation_stats("nudged_plus", plus)}
+    phases, mask = {"nudged_plus": plus}, mask.refine(plus)
     if self.symmetric:
       minus = nudged_equilibria(problem, params, batch, -self.beta, self.nudged, free.value)
-      stats.update(relaxation_stats("nudged_minus", minus))
+      phases["nudged_minus"], mask = minus, mask.refine(minus)
       low, scale = minus.value, 2.0 * self.beta
     else:
       low, scale = free.value, self.beta
     grads = tu.tree_scale(1.0 / scale,
-                          energy_contrast_grad(problem, params, plus.value, low, batch))
-    loss, outputs = self.batch_loss(problem, free.value, batch)
-    return GradientEstimate(grads, (), loss, outputs, stats)
+                          energy_contrast_grad(problem, params, plus.value, low, batch, mask))
+    return Gradient(grads, (), phases, {}, mask)

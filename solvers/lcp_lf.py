@@ -1,89 +1,12 @@
 """``lcp_lf``: least control with direct linear feedback, eq. 13 (section 3.1.1).
 
-Controlled dynamics (eq. 13), for one example:
-
-    dphi/dt = f(phi) + P^T u + H^T (Q u),     du/dt = k_i (-grad_y L - alpha u),
-
-where ``P^T`` puts the output controller ``u`` on the output units (as in every
-output-controlled circuit, :func:`bilevel.least_control.direct_field`) and the
-learned feedback ``Q`` (one ``[*unit_shape, n_out]`` leaf per hidden layer)
-broadcasts it onto the hidden units ``H(phi)`` (the problem's
-``feedback_units``). ``Q`` is the solver's learned state (``solver_params``
-holds ``Q / q_scale``, see below).
-
-Weight update (the paper's modified rule, option ``modulated``): with
-``psi* = P^T u* + H^T(Q u*)`` at the controlled steady state and the problem's
-``feedback_modulation`` ``m(phi) = sigma'(phi)`` (1 on linear units),
-
-    dW = (m(phi*) * psi*) sigma(phi*)^T,   dU = (m(phi*) * psi*) x^T,
-
-i.e. Theorem 1's ``-d_theta f^T psi`` evaluated with ``m * psi*`` in place of
-``psi*`` (``modulated=False`` gives eq. 12 unmodified).
-
-Learning Q (section 3.1.1; the details of the paper's S6 are not in our copy,
-so here is the rule we implement and why -- it is the noise-driven feedback
-rule of Deep Feedback Control, Meulemans et al. 2021/2022, as used in the
-authors' public code). After the controlled equilibrium ``(phi*, u*)`` is
-found, the circuit keeps running from it for ``noise_steps`` Euler steps with
-Ornstein-Uhlenbeck noise ``eps`` added to the hidden feedback:
-
-    v_fb  = Q u + sigma eps                          (what the hidden units receive)
-    phi  <- phi + dt (f + P^T u + H^T v_fb)          on hidden units,
-    phi  <- phi + dt' (f + P^T u + H^T v_fb)         on output units,
-    u    <- u + dt' du/dt,                           dt' = dt / timescale_factor^2,
-    eps  <- eps + (timescale_factor / tau_eps) (-dt' eps + sqrt(dt') xi),
-    C    <- C - (1 / sigma^2) pre (u - u*)^T,        pre = v_fb - Q u* = Q (u - u*) + sigma eps
-
-(hidden units are ``timescale_factor^2`` times faster than the output units
-and the controller, so they track the noise quasi-statically; ``eps`` starts
-``N(0, I)``). Then ``dQ = (dt / tau_Q) (mean_batch C - q_weight_decay Q)``.
-The increments ``xi`` are independent +-1 signs rather than the authors'
-Gaussians: the rule only uses second moments (below), the OU filter makes
-``eps`` nearly Gaussian anyway, and 32 signs come from one random word, which
-makes the noisy phase several times cheaper than drawing normals.
-
-Why it satisfies the column-space condition for one sample: linearise around
-the steady state. The noise moves the outputs through ``M = -[d out/d hidden]
-(d_h f)^{-1}`` (the map from a hidden perturbation to the output units), and
-the controller responds with ``du = u - u*``, a filtered ``-H_L M sigma eps``.
-``E[C] = -(1/sigma^2) (Q Cov[du] + sigma Cov[eps, du])``: the rule is
-stochastic gradient descent on ``E||Q du + sigma eps||^2`` (the feedback learns
-to predict -- and cancel -- the noise from the controller's response), whose
-minimiser is the regression ``Q = -sigma Cov[eps, du] Cov[du]^{-1}``. Every
-column of ``Cov[eps, du]`` lies in ``col(M^T)`` (the noise reaches ``u`` only
-through ``M``), hence ``col(Q) = col(M^T) = row([0, Id] (d_phi f)^{-1})``
-restricted to the hidden units -- the condition of eq. 7 / section 3.1.1. The
-decay removes directions ``u`` never visits (for softmax cross-entropy, the
-all-ones output direction). ``tests/test_lcp_lf.py`` checks it on one sample.
-
-Presynaptic factor (option ``presynaptic``): the authors' code multiplies by
-the whole feedback ``v_fb = Q u* + Q du + sigma eps``. Under noise the
-nonlinear network's mean shifts, ``E[du] = O(sigma^2)``, so ``-(1/sigma^2) Q u*
-E[du]^T`` is an O(1) bias independent of sigma that is not part of the
-regression above; on one sample with a sizeable ``u*`` we saw it grow ``Q``
-without bound. The default ``'deviation'`` uses ``v_fb - Q u*`` (the feedback's
-deviation from its steady-state value, i.e. high-pass filtered as in DFC,
-which high-pass filters the controller signal for the same reason);
-``'feedback'`` reproduces the authors' code.
-
-How Q is applied: the solver state is ``S = Q / q_scale`` and ``solver_grads
-= -dQ / q_scale``, so the training loop's optimizer applies the rule: plain SGD
-with learning rate 1 reproduces it exactly for any ``q_scale``. With Adam (the
-optimizer of our configs, shared with the weights) the fixed point of the rule
-is the same but the step is ~``q_scale * learning_rate`` per entry whatever the
-size of ``dQ``: with ``q_scale = 1`` that is orders of magnitude faster than the
-authors' rule (``dt / tau_Q = 1e-5`` per step, about 1e-6 per entry) and on
-MNIST-FF it shrank Q 10x within 15 epochs while the test accuracy fell; the
-configs use ``q_scale = 1e-3``, which gives Adam the authors' step size.
-
-Noise keys: the solver interface has no PRNG key, so the noise of each
-example is keyed by ``noise_seed`` folded with a hash of ``Q`` (which changes
-every step), of the example and its position in the (local) batch:
-deterministic, different across examples and steps. (A ``key`` argument on
-``Solver.__call__`` would be cleaner.)
-
-Problems must provide ``feedback_units(state)`` and ``feedback_modulation(state)``
-(e.g. :class:`problems.mnist.EquilibriumNetProblem`).
+Controlled dynamics ``dphi/dt = f(phi) + P^T u + H^T (Q u)`` with the output
+controller of eq. 6; the update is Theorem 1's (eq. 4) with ``sigma'(phi*) psi*``
+in place of ``psi*`` (option ``modulated``). ``Q`` (the solver state, stored as
+``Q / q_scale``) is learned by a noise-driven rule that satisfies the
+column-space condition of eq. 7. Derivation, choices and measurements:
+``docs/lcp_lf.md``. Needs the problem hooks ``feedback_units`` and
+``feedback_modulation`` (see :class:`bilevel.problem.BilevelProblem`).
 """
 
 from __future__ import annotations
@@ -99,22 +22,14 @@ from jax.flatten_util import ravel_pytree
 from bilevel import least_control as lc
 from bilevel import tree as tu
 from bilevel.problem import BilevelProblem
-from solvers.base import GradientEstimate, relaxation_stats
-from solvers.lcp import LeastControl
 
 PyTree = Any
-HOOKS = ("feedback_units", "feedback_modulation")
-
-
-def _content_hash(tree: PyTree) -> jax.Array:
-  """A uint32 hash of a pytree's values (for keying noise; not cryptographic)."""
-  flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
-  weights = jnp.sin(jnp.arange(flat.size, dtype=jnp.float32) * 12.9898 + 0.5)
-  return jax.lax.bitcast_convert_type(jnp.sum(flat * weights), jnp.uint32)
+HOOKS = {"feedback_units": "the hidden units Q feeds back to",
+         "feedback_modulation": "sigma'(phi) of the modified update"}
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearFeedback(LeastControl):
+class LinearFeedback(lc.LeastControl):
   """``lcp_lf``: eq. 13 with Q learned by the noise-driven rule (module docstring)."""
   name: ClassVar[str] = "lcp_lf"
 
@@ -136,13 +51,8 @@ class LinearFeedback(LeastControl):
 
   @staticmethod
   def _check(problem: BilevelProblem) -> None:
-    missing = [h for h in HOOKS if getattr(problem, h, None) is None]
-    if missing:
-      raise ValueError(
-          f"solver 'lcp_lf' needs the problem to expose {', '.join(missing)} (the hidden "
-          f"units Q feeds back to, and sigma'(phi)); {problem.name!r} does not. Use a "
-          "problems.mnist.EquilibriumNetProblem-like problem, or another solver "
-          "(lcp_di, lcp_direct).")
+    for hook, why in HOOKS.items():
+      problem.require(hook, "lcp_lf", why)
     if problem.example is None:
       raise ValueError(f"solver 'lcp_lf' needs {problem.name!r} to carry an `example` "
                        "(to size Q)")
@@ -156,7 +66,9 @@ class LinearFeedback(LeastControl):
       raise ValueError(f"q_scale must be > 0, got {self.q_scale}")
     state = jax.eval_shape(problem.init_state, params, problem.example)
     n_out = sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(problem.output, state)))
-    units = problem.feedback_units(state)
+    # Abstract evaluation: the hook may index the state, which a ShapeDtypeStruct
+    # does not support.
+    units = jax.eval_shape(problem.feedback_units, state)
     leaves, treedef = jax.tree.flatten(units)
     keys = jax.random.split(key, max(len(leaves), 1))
     scale = self.q_init_scale / math.sqrt(n_out)
@@ -257,43 +169,28 @@ class LinearFeedback(LeastControl):
 
   # ----- the step ---------------------------------------------------------------
 
-  def __call__(self, problem: BilevelProblem, params: PyTree, solver_params: PyTree,
-               batch: PyTree) -> GradientEstimate:
-    self._check(problem)
+  def signal(self, problem, phi_star, psi):
+    """``m(phi*) * psi*`` (the paper's modified rule) or psi* (eq. 12)."""
+    if not self.modulated:
+      return psi
+    return jax.tree.map(jnp.multiply, jax.vmap(problem.feedback_modulation)(phi_star), psi)
+
+  def learn(self, problem, params, solver_params, batch, res, mask, key):
+    """``-dQ / q_scale`` from the noisy phase after the controlled equilibrium."""
     q = self.q_of(solver_params)
-    free = self.free_equilibrium(problem, params, batch)
-    field = lambda ex: self.field(problem, params, solver_params, ex)
-
-    def controlled_equilibrium(phi, example):
-      res = self.controlled.solve(field(example), self.initial_state(problem, phi, example))
-      psi = self.control(problem, params, solver_params, res.value, example)
-      violation = tu.tree_norm(tu.tree_add(problem.f(params, res.value.phi, example), psi))
-      return res, psi, violation
-
-    res, psi, violation = jax.vmap(controlled_equilibrium)(free.value, batch)
-    signal = psi
-    if self.modulated:
-      signal = jax.tree.map(jnp.multiply, jax.vmap(problem.feedback_modulation)(res.value.phi),
-                            psi)
-    grads = lc.least_control_update(problem, params, res.value.phi, signal, batch)
-
-    stats = {}
+    size = jax.tree.leaves(batch)[0].shape[0]
+    extras = {}
     if self.learn_q:
-      base = jax.random.fold_in(jax.random.key(self.noise_seed), _content_hash(q))
-      size = jax.tree.leaves(batch)[0].shape[0]
-      keys = jax.vmap(lambda ex, i: jax.random.fold_in(
-          jax.random.fold_in(base, _content_hash(ex)), i))(batch, jnp.arange(size))
+      keys = jax.random.split(jax.random.fold_in(key, self.noise_seed), size)
       c = jax.vmap(lambda z, ex, k: self.hebbian_statistics(problem, params, q, z, ex, k))(
           res.value, batch, keys)
-      solver_grads = tu.tree_scale(-1.0 / self.q_scale,
-                                   self.q_update(q, tu.tree_mean_over_batch(c)))
-      stats["lf/hebbian_norm"] = jax.vmap(tu.tree_norm)(c)
+      solver_grads = tu.tree_scale(-1.0 / self.q_scale, self.q_update(q, mask.mean(c)))
+      extras["lf/hebbian_norm"] = jax.vmap(tu.tree_norm)(c)
     else:
       solver_grads = tu.tree_zeros_like(solver_params)
-    stats["lf/q_norm"] = jnp.broadcast_to(tu.tree_norm(q), (jax.tree.leaves(batch)[0].shape[0],))
+    extras["lf/q_norm"] = jnp.broadcast_to(tu.tree_norm(q), (size,))
+    return solver_grads, extras
 
-    loss, outputs = self.batch_loss(problem, free.value, batch)
-    stats.update({**relaxation_stats("free", free), **relaxation_stats("controlled", res),
-                  "psi_norm": jax.vmap(tu.tree_norm)(psi), "constraint_violation": violation,
-                  "controlled_loss": jax.vmap(problem.outer_loss)(res.value.phi, batch)})
-    return GradientEstimate(grads, solver_grads, loss, outputs, stats)
+  def gradient(self, problem, params, solver_params, batch, free, mask, key):
+    self._check(problem)
+    return super().gradient(problem, params, solver_params, batch, free, mask, key)

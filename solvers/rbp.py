@@ -1,14 +1,10 @@
-"""``rbp`` (and ``imaml``): implicit gradient through the free equilibrium.
+"""``rbp``: implicit gradient through the free equilibrium.
 
 Eq. 5: ``grad_theta L = -d_theta f^T (d_phi f)^{-T} grad_phi L``. With
 ``w`` solving the adjoint system ``d_phi f(phi*)^T w = -grad_phi L(phi*)`` the
 gradient is ``d_theta f^T w``: one matrix-free linear solve per example
 (:mod:`bilevel.linear_solve`: adjoint dynamics, Neumann series or CG), then
 one VJP over the batch. Memory does not grow with the number of iterations.
-
-``imaml`` is the same computation with conjugate gradients, the natural choice
-for energy problems (``d_phi f = -Hessian E`` is symmetric): for the complex
-synapse of eq. 16 it is iMAML's solve with ``I + Hessian(L_learn) / lambda``.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ import jax
 from bilevel import linear_solve
 from bilevel import tree as tu
 from bilevel.relaxation import Relaxation
-from solvers.base import GradientEstimate, Solver, relaxation_stats
+from bilevel.solver import Gradient, Solver
 
 PyTree = Any
 
@@ -44,8 +40,8 @@ class RecurrentBackprop(Solver):
                        "adjoint_method='fixed_point'.")
     return super().init(problem, params, key)
 
-  def __call__(self, problem, params, solver_params, batch) -> GradientEstimate:
-    free = self.free_equilibrium(problem, params, batch)
+  def gradient(self, problem, params, solver_params, batch, free, mask, key) -> Gradient:
+    """Adjoint ``d_phi f^T w = -grad_phi L`` per example, then ``d_theta f^T w``."""
 
     def adjoint_solve(phi, example):
       matvec = lambda w: problem.state_vjp(params, phi, example, w)
@@ -56,16 +52,6 @@ class RecurrentBackprop(Solver):
           max_steps=self.adjoint.max_steps)
 
     adj = jax.vmap(adjoint_solve)(free.value, batch)
-    grads = problem.params_vjp(params, free.value, batch, adj.value)
-    loss, outputs = self.batch_loss(problem, free.value, batch)
-    stats = {**relaxation_stats("free", free), **relaxation_stats("adjoint", adj)}
-    return GradientEstimate(grads, (), loss, outputs, stats)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImplicitMAML(RecurrentBackprop):
-  """``imaml``: the implicit gradient with a conjugate-gradient adjoint."""
-  name: ClassVar[str] = "imaml"
-  needs_energy: ClassVar[bool] = True
-  adjoint_method: str = "cg"
-  adjoint: Relaxation = Relaxation(rtol=1e-5, max_steps=50)
+    mask = mask.refine(adj)
+    grads = mask.params_vjp(problem, params, free.value, batch, adj.value)
+    return Gradient(grads, (), {"adjoint": adj}, {}, mask)

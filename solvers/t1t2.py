@@ -28,11 +28,12 @@ from typing import ClassVar
 import jax
 
 from bilevel import tree as tu
-from solvers.base import GradientEstimate, Solver, relaxation_stats
+from bilevel.solver import Gradient, Solver
 
 
 @dataclasses.dataclass(frozen=True)
 class T1T2(Solver):
+  """``t1t2``: ``eta d_theta f(phi*)^T grad_phi L(phi*)`` at the free equilibrium."""
   name: ClassVar[str] = "t1t2"
   step_size: float = 1.0
 
@@ -42,9 +43,8 @@ class T1T2(Solver):
                        f"{self.step_size}")
     return super().init(problem, params, key)
 
-  def __call__(self, problem, params, solver_params, batch) -> GradientEstimate:
-    free = self.free_equilibrium(problem, params, batch)
+  def gradient(self, problem, params, solver_params, batch, free, mask, key) -> Gradient:
+    """One VJP with the scaled output error as cotangent."""
     cot = tu.tree_scale(self.step_size, jax.vmap(problem.loss_grad)(free.value, batch))
-    grads = problem.params_vjp(params, free.value, batch, cot)
-    loss, outputs = self.batch_loss(problem, free.value, batch)
-    return GradientEstimate(grads, (), loss, outputs, relaxation_stats("free", free))
+    grads = mask.params_vjp(problem, params, free.value, batch, cot)
+    return Gradient(grads, (), {}, {}, mask)

@@ -180,7 +180,7 @@ def _exact_augmented(kind):
 
 
 def _run(solver, problem, params, data, solver_params=()):
-  return jax.jit(lambda p, sp, b: solver(problem, p, sp, b))(params, solver_params, data)
+  return jax.jit(lambda p, sp, b: solver(problem, p, sp, b, jax.random.key(0)))(params, solver_params, data)
 
 
 # ----------------------------------------------------------------- the FF net

@@ -59,7 +59,7 @@ def _setup(activation="tanh"):
 ])
 def test_bp_and_rbp_match_exact_implicit_gradient(solver_name, options):
   problem, params, data = _setup("relu")
-  est = solvers.get_solver(solver_name, **options)(problem, params, (), data)
+  est = solvers.get_solver(solver_name, **options)(problem, params, (), data, jax.random.key(0))
   exact = _flat(zoo.exact_implicit_gradient(problem, params, data))
   assert _rel_err(_flat(est.grads), exact) < 1e-8
 
@@ -67,7 +67,7 @@ def test_bp_and_rbp_match_exact_implicit_gradient(solver_name, options):
 def test_lcp_di_update_is_gradient_of_augmented_energy():
   problem, params, data = _setup("tanh")
   est = solvers.get_solver("lcp_di", alpha=ALPHA, free=TIGHT_FREE,
-                           controlled=TIGHT_CONTROLLED)(problem, params, (), data)
+                           controlled=TIGHT_CONTROLLED)(problem, params, (), data, jax.random.key(0))
   assert bool(jnp.all(est.stats["controlled/converged"]))
   total = 0.0
   for i in range(3):

@@ -12,6 +12,7 @@ import pytest
 import solvers
 from problems import mnist
 from test_mnist import N_OUT, assert_tree_close, ce_grad, dense, dense_grads, newton, small
+import zoo
 from zoo import tanh_rnn
 
 
@@ -30,7 +31,7 @@ def test_update_is_eq13_steady_state(shape, modulated):
   alpha = 0.5
   solver = lf_solver(alpha=alpha, k_i=2.0, learn_q=False, modulated=modulated)
   q = solver.init(problem, params, jax.random.key(3))
-  est = solver(problem, params, q, batch)
+  est = solver(problem, params, q, batch, jax.random.key(0))
   assert bool(jnp.all(est.stats["controlled/converged"]))
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(est.solver_grads)[0]), 0.0)
 
@@ -83,7 +84,7 @@ def test_q_rule_approaches_column_space_condition_on_one_sample():
                               q_weight_decay=0.01, noise_steps=800,
                               controlled=dict(rtol=1e-10, max_steps=5000))
   q = solver.init(problem, params, k[2])
-  step = jax.jit(lambda q: solver(problem, params, q, batch))
+  step = jax.jit(lambda q: solver(problem, params, q, batch, jax.random.key(0)))
 
   def gap(q):
     z = solver.controlled.solve(solver.field(problem, params, q, example),
@@ -118,9 +119,17 @@ def test_q_scale_stores_q_over_scale_and_keeps_the_sgd_rule():
   for scale in (1.0, 0.25):
     solver = solvers.get_solver("lcp_lf", q_scale=scale, noise_steps=40, k_i=2.0)
     s = solver.init(problem, params, jax.random.key(4))
-    est = solver(problem, params, s, batch)
+    est = solver(problem, params, s, batch, jax.random.key(0))
     out[scale] = (solver.q_of(s), est.grads, solver.q_of(jax.tree.map(
         lambda a, g: a - g, s, est.solver_grads)))
   for a, b in zip(out[1.0], out[0.25]):
     assert_tree_close(a, b, rtol=1e-9, atol=1e-12)
   assert not np.allclose(out[1.0][0][0], out[1.0][2][0])  # Q did move
+
+
+def test_feedback_units_of_a_flat_state_is_evaluated_abstractly():
+  """Issue 12 item 4: init used to call feedback_units on a ShapeDtypeStruct
+  (``TypeError: 'ShapeDtypeStruct' object is not subscriptable``)."""
+  problem, params, _ = zoo.feedback_rnn(n=8, n_out=2)
+  q = solvers.get_solver("lcp_lf").init(problem, params, jax.random.key(0))
+  assert [leaf.shape for leaf in jax.tree.leaves(q)] == [(6, 2)]

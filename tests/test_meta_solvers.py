@@ -140,7 +140,7 @@ def _cml_fn(name, symmetric):
   def estimate(beta):
     solver = solvers.get_solver("cml", beta=beta, symmetric=symmetric, free=zoo.TIGHT_FREE,
                                 nudged=zoo.TIGHT_FREE)
-    return solver(problem, params, (), batch)
+    return solver(problem, params, (), batch, jax.random.key(0))
 
   return jax.jit(estimate)
 
@@ -287,4 +287,4 @@ def test_first_order_solvers_need_phi_to_start_at_omega(solver_name):
   with pytest.raises(ValueError, match="fast weights to start at the slow weights"):
     solver.init(problem, params, jax.random.key(0))
   with pytest.raises(ValueError, match="init_state"):
-    solver(problem, params, (), batch)
+    solver(problem, params, (), batch, jax.random.key(0))

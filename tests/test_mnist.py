@@ -167,7 +167,7 @@ def test_init_is_pytorch_default_and_metrics():
 def test_bp_rbp_equal_exact_implicit_gradient(shape, solver):
   problem, params, batch = small(shape)
   options = {"num_steps": 3} if solver == "bp" else {}
-  est = tight(solver, **options)(problem, params, (), batch)
+  est = tight(solver, **options)(problem, params, (), batch, jax.random.key(0))
   assert_tree_close(est.grads, exact_implicit_gradient(problem, params, batch), rtol=1e-7)
 
 
@@ -190,7 +190,7 @@ def augmented_energy_grad(problem, params, batch, alpha):
 ])
 def test_di_ebd_equal_augmented_energy_gradient(shape, solver, options):
   problem, params, batch = small(shape)
-  est = tight(solver, **options)(problem, params, (), batch)
+  est = tight(solver, **options)(problem, params, (), batch, jax.random.key(0))
   assert bool(jnp.all(est.stats["controlled/converged"]))
   expected = augmented_energy_grad(problem, params, batch, alpha=0.5)
   assert_tree_close(est.grads, expected, rtol=1e-6, atol=1e-10)
@@ -205,7 +205,7 @@ def test_kolen_pollack_is_eq14_with_learned_feedback(shape):
   solver = tight("lcp_kp", alpha=alpha, k_i=2.0, weight_decay=wd, feedback_init="random",
                  init_scale=1.0)
   feedback = solver.init(problem, params, jax.random.key(7))
-  est = solver(problem, params, feedback, batch)
+  est = solver(problem, params, feedback, batch, jax.random.key(0))
 
   W, U, b, _, y = dense(shape, params)
   S = dense(shape, feedback)[0].T  # the backward pathway: psi' = -psi + sigma'(phi) S psi + P^T u

@@ -111,7 +111,7 @@ def test_learned_lambda_is_a_meta_parameter():
   assert set(params) == {"omega", "log_lambda"}
   np.testing.assert_allclose(params["log_lambda"]["head"]["b"], np.log(0.5))
   solver = _solver(_config(learn_lambda=True), "t1t2")
-  est = jax.jit(lambda p, b: solver(task.problem, p, (), b))(params, task.train_batch(0))
+  est = jax.jit(lambda p, b: solver(task.problem, p, (), b, jax.random.key(0)))(params, task.train_batch(0))
   assert float(jnp.abs(ravel_pytree(est.grads["log_lambda"])[0]).max()) > 0
 
 

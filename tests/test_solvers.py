@@ -178,7 +178,7 @@ def test_kolen_pollack_copy_equals_dynamic_inversion_and_aligns():
   problem, params, batch = _zoo(name)
   solver = solvers.get_solver("lcp_kp", weight_decay=0.1, controlled=zoo.TIGHT_CONTROLLED)
   feedback = solver.init(problem, params, jax.random.key(1))
-  est = solver(problem, params, feedback, batch)
+  est = solver(problem, params, feedback, batch, jax.random.key(0))
   lr = 0.5
   new_params = jax.tree.map(lambda p, g: p - lr * g, params, est.grads)
   new_feedback = jax.tree.map(lambda p, g: p - lr * g, feedback, est.solver_grads)

@@ -1,5 +1,6 @@
 """The data-parallel training step: learning works, devices agree, failures are counted."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 import solvers
 import zoo
-from bilevel import train
+from bilevel import BilevelProblem, train
 
 FAST_CONTROLLED = {"strategy": "anderson", "strategy_options": {"dt": 0.3},
                    "max_steps": 3000}
@@ -78,7 +79,7 @@ def test_nonfinite_update_is_skipped_and_counted():
   state = train.init_train_state(problem, solver, optimizer, jax.random.key(0),
                                  jax.tree.map(lambda a: a[0], batch), params=params)
   step = train.make_train_step(problem, solver, optimizer, mesh=train.data_mesh(1),
-                               skip_nonfinite=True)
+                               skip_nonfinite=True, invalid_examples="keep")
   state, metrics = step(state, bad)
   assert bool(metrics["nonfinite_update"]) and int(state.skipped) == 1
   np.testing.assert_array_equal(state.params["W"], params["W"])
@@ -86,3 +87,48 @@ def test_nonfinite_update_is_skipped_and_counted():
   assert float(metrics["free/nonfinite_fraction"]) == 0.25
   state, metrics = step(state, batch)
   assert not bool(metrics["nonfinite_update"]) and int(state.step) == 2
+
+
+def _diverging_batch():
+  """Three examples of ``dphi = g phi + w x``; the middle one (g = +10) diverges."""
+  problem = BilevelProblem(
+      dynamics=lambda p, phi, ex: ex["g"] * phi + p["w"] * ex["x"],
+      loss=lambda y, ex: 0.5 * jnp.sum((y - ex["t"]) ** 2),
+      init_state=lambda p, ex: jnp.ones(2), name="one_diverges")
+  batch = {"g": jnp.array([-1.0, 10.0, -1.0]), "x": jnp.array([[1.0, 2.0], [1.0, 1.0],
+                                                                [0.5, -1.0]]),
+           "t": jnp.array([[0.3, 0.1], [0.0, 0.0], [-0.2, 0.4]])}
+  return problem, {"w": jnp.array([0.7, -0.4])}, batch
+
+
+def test_one_diverged_example_is_dropped_from_the_batch_mean():
+  """Issue 12 item 2: status [0, 2, 0] must not poison the mean with garbage."""
+  problem, params, batch = _diverging_batch()
+  solver = solvers.get_solver("rbp", free={"max_steps": 1000})
+  optimizer = optax.sgd(0.1)
+  state = train.init_train_state(problem, solver, optimizer, jax.random.key(0),
+                                 jax.tree.map(lambda a: a[0], batch), params=params)
+  step = train.make_train_step(problem, solver, optimizer, mesh=train.data_mesh(1))
+  new, metrics = step(state, batch)
+  est = solver(problem, params, (), batch, jax.random.key(0))
+  np.testing.assert_array_equal(est.phases["free"].status, [0, 2, 0])
+  good = jax.tree.map(lambda a: a[jnp.array([0, 2])], batch)
+  expected = solver(problem, params, (), good, jax.random.key(0))
+  chex.assert_trees_all_close(est.grads, expected.grads, rtol=1e-12)
+  chex.assert_trees_all_close(metrics["loss"], expected.loss, rtol=1e-12)
+  assert int(metrics["dropped_examples"]) == 1 and not bool(metrics["nonfinite_update"])
+  chex.assert_tree_all_finite(new.params)
+  keep = train.make_train_step(problem, solver, optimizer, mesh=train.data_mesh(1),
+                               invalid_examples="keep")
+  _, kept = keep(state, batch)
+  # "keep" is the old behaviour: the diverged example's last (finite, ~1e300)
+  # iterate poisons the mean.
+  assert int(kept["dropped_examples"]) == 0
+  assert not float(kept["loss"]) < 1e100
+
+
+def test_invalid_examples_policy_is_checked():
+  problem, params, batch = zoo.tanh_rnn()
+  with pytest.raises(ValueError, match="invalid_examples"):
+    train.make_train_step(problem, solvers.get_solver("rbp"), optax.sgd(0.1),
+                          invalid_examples="stop")

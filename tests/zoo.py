@@ -8,6 +8,7 @@ L/alpha`` by Newton's method -- both independent of every solver.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+import solvers
 from bilevel import BilevelProblem
 
 
@@ -121,6 +123,20 @@ ZOO = {
 }
 
 
+def feedback_rnn(n: int = 8, n_out: int = 2, **kwargs):
+  """``tanh_rnn`` with the optional hooks of direct linear feedback (eq. 13):
+  the state is ONE flat array, ``feedback_units`` slices its hidden part."""
+  problem, params, batch = tanh_rnn(n=n, n_out=n_out, **kwargs)
+  problem = dataclasses.replace(
+      problem, name="feedback_rnn", feedback_units=lambda phi: phi[:n - n_out],
+      feedback_modulation=lambda phi: 1.0 - jnp.tanh(phi) ** 2)
+  return problem, params, batch
+
+
+# Every zoo problem, plus the ones that carry optional hooks (solver contract test).
+CONTRACT_ZOO = {**ZOO, "feedback_rnn": feedback_rnn}
+
+
 # ----- independent exact answers ----------------------------------------------
 
 def newton_equilibrium(problem, params, example, tol=1e-13, iters=100):
@@ -156,11 +172,11 @@ def rel_err(a, b) -> float:
 
 def solver_estimate(instance, solver_name: str, **options):
   """One jitted call of solver ``solver_name`` on ``instance = (problem, params, batch)``."""
-  import solvers  # noqa: PLC0415
   problem, params, batch = instance
   solver = solvers.get_solver(solver_name, **options)
   solver_params = solver.init(problem, params, jax.random.key(0))
-  return jax.jit(lambda p, sp, b: solver(problem, p, sp, b))(params, solver_params, batch)
+  call = lambda p, sp, b: solver(problem, p, sp, b, jax.random.key(0))
+  return jax.jit(call)(params, solver_params, batch)
 
 
 def exact_implicit_gradient(problem, params, batch):
