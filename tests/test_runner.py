@@ -1,4 +1,4 @@
-"""The training loop (bilevel/runner.py) and checkpoints (bilevel/checkpoint.py) on the toy config.
+"""The training loop (launch/loop.py) and checkpoints (launch/checkpoint.py) on the toy config.
 
 Includes the fault test: a run killed with SIGKILL mid-way and resumed ends with
 exactly the parameters of an uninterrupted run.
@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from bilevel import config as cfglib
-from bilevel import runner
-from bilevel.checkpoint import load_params
+from launch import config as cfglib
+from launch import loop
+from launch import records as recordslib
+from launch.checkpoint import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(ROOT / "launch" / "run.py")]
@@ -56,7 +57,7 @@ def quiet(_msg):
 
 
 def run(config, workdir, log=quiet):
-  return runner.run(config, workdir, config_name="toy_quick", progress=False, log=log)
+  return loop.run(config, workdir, config_name="toy_quick", progress=False, log=log)
 
 
 def assert_same_params(a_dir, b_dir, which=("params", "solver_params")):
@@ -98,7 +99,7 @@ def test_workdir_contents(finished):
   assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [4, 8]
   config = json.loads((wd / "config.json").read_text())["config"]
   assert config["solver"] == "lcp_di" and config["num_steps"] == 8
-  records = runner.read_jsonl(wd / "metrics.jsonl")
+  records = recordslib.read_jsonl(wd / "metrics.jsonl")
   train = [r for r in records if r["split"] == "train"]
   evals = [r for r in records if r["split"] == "eval"]
   assert [r["step"] for r in train] == [4, 8]
@@ -112,7 +113,7 @@ def test_workdir_contents(finished):
     assert key in on_disk, key
   assert on_disk["eval"]["loss"] == evals[0]["loss"]
   assert summary["solver"] == "lcp_di" and summary["seed"] == 0
-  table = runner.summary_table(on_disk)
+  table = recordslib.summary_table(on_disk)
   assert "eval loss" in table and "s/step" in table
 
 
@@ -144,7 +145,7 @@ def test_resume_extends_and_matches_uninterrupted(tmp_path, finished):
   assert s["resumed_from"] == 8 and any("resuming from" in m for m in messages)
   run(toy(("num_steps", "16"), *pairs), b)
   assert_same_params(a, b, which=("params", "solver_params", "average"))
-  steps = [r["step"] for r in runner.read_jsonl(a / "metrics.jsonl") if r["split"] == "train"]
+  steps = [r["step"] for r in recordslib.read_jsonl(a / "metrics.jsonl") if r["split"] == "train"]
   assert steps == sorted(set(steps))  # no duplicated lines after the resume
 
 
@@ -180,7 +181,7 @@ def test_partial_checkpoint_directory_is_ignored(tmp_path):
 def test_nonfinite_stops_naming_step_and_checkpoint(tmp_path):
   cfg = toy(("num_steps", "12"), ("checkpoint_every_steps", "4"),
             ("problem_options.nan_batch_steps", "(9,)"))
-  with pytest.raises(runner.TrainingFailure) as info:
+  with pytest.raises(loop.TrainingFailure) as info:
     run(cfg, tmp_path)
   msg = str(info.value)
   assert msg.startswith("step 10 (batch 9): the gradients are not finite")
@@ -199,7 +200,7 @@ def test_nonfinite_skip_leaves_params_unchanged(tmp_path):
   s = run(toy(("num_steps", "4"), ("on_nonfinite", "skip"), ("log_every_steps", "1"),
               ("problem_options.nan_batch_steps", "(1, 2)")), tmp_path)
   assert s["status"] == "completed" and s["skipped_batches"] == 2
-  train = [r for r in runner.read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+  train = [r for r in recordslib.read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
   assert [r["nonfinite_updates"] for r in train] == [0, 1, 1, 0]
   assert [r["skipped_total"] for r in train] == [0, 1, 2, 2]
   params = load_params(tmp_path)
@@ -209,7 +210,7 @@ def test_nonfinite_skip_leaves_params_unchanged(tmp_path):
 def test_nonconvergence_stops(tmp_path):
   cfg = toy(("num_steps", "8"), ("max_nonconverged_fraction", "0.1"),
             ("solvers.lcp_di.controlled.max_steps", "2"))
-  with pytest.raises(runner.TrainingFailure, match=(
+  with pytest.raises(loop.TrainingFailure, match=(
       r"step 4 \(batch 3\): controlled fixed point did not converge for 100.0% .*"
       r"no checkpoint was saved before it\. Raise --config.solvers.lcp_di.controlled.max_steps")):
     run(cfg, tmp_path)
@@ -217,14 +218,14 @@ def test_nonconvergence_stops(tmp_path):
 
 def test_plot_and_jsonl_helpers(tmp_path):
   path = tmp_path / "m.jsonl"
-  runner.append_jsonl(path, {"step": 1, "split": "train", "loss": 1.0})
-  runner.append_jsonl(path, {"step": 2, "split": "train", "loss": 0.5})
+  recordslib.append_jsonl(path, {"step": 1, "split": "train", "loss": 1.0})
+  recordslib.append_jsonl(path, {"step": 2, "split": "train", "loss": 0.5})
   with open(path, "a") as f:
     f.write('{"step": 3, "spl')  # a torn line, as a kill could leave
-  assert [r["step"] for r in runner.read_jsonl(path)] == [1, 2]
-  runner.truncate_metrics(path, 1)
-  assert [r["step"] for r in runner.read_jsonl(path)] == [1]
-  assert runner.plot_curves(path, tmp_path / "c.png").is_file()
+  assert [r["step"] for r in recordslib.read_jsonl(path)] == [1, 2]
+  recordslib.truncate_metrics(path, 1)
+  assert [r["step"] for r in recordslib.read_jsonl(path)] == [1]
+  assert recordslib.plot_curves(path, tmp_path / "c.png").is_file()
 
 
 def _wait_for_checkpoint(workdir: Path, proc, at_least: int, timeout: float = 240):
@@ -240,6 +241,7 @@ def _wait_for_checkpoint(workdir: Path, proc, at_least: int, timeout: float = 24
   return None
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_params(tmp_path):
   """Kill -9 mid-run, re-run the same command: same final params as an uninterrupted run."""
   cmd = RUN + ["--config", "toy:long", "--no_progress", "--config.num_steps=40",
@@ -265,10 +267,11 @@ def test_sigkill_and_resume_gives_identical_params(tmp_path):
   _, err = reference.communicate(timeout=300)
   assert reference.returncode == 0, err[-2000:]
   assert_same_params(killed, clean, which=("params", "solver_params", "average"))
-  records = runner.read_jsonl(killed / "metrics.jsonl")  # complete lines only
+  records = recordslib.read_jsonl(killed / "metrics.jsonl")  # complete lines only
   assert records[-1]["split"] == "eval" and records[-1]["step"] == 40
 
 
+@pytest.mark.slow
 def test_cli_failure_exit_code_and_message(tmp_path):
   out = subprocess.run(RUN + ["--config", "toy:quick", "--workdir", str(tmp_path / "f"),
                               "--no_progress", "--config.num_steps=6",
@@ -301,7 +304,7 @@ def test_progress_bar_and_tensorboard_writer(tmp_path, capsys, monkeypatch):
       pass
 
   monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=Writer))
-  runner.run(toy(("num_steps", "4"), ("log_every_steps", "2"), ("eval_every_epochs", "0")),
+  loop.run(toy(("num_steps", "4"), ("log_every_steps", "2"), ("eval_every_epochs", "0")),
              tmp_path, progress=True, log=quiet)
   err = capsys.readouterr().err
   assert "4/4" in err and "<" in err  # tqdm's [elapsed<remaining] ETA

@@ -1,4 +1,4 @@
-"""Sweeps (bilevel/sweep.py, launch/sweep.py): grid expansion, aggregation, parallel
+"""Sweeps (launch/sweeping.py, launch/sweep.py): grid expansion, aggregation, parallel
 resumable runs on the local pool, and the optional Ray backend."""
 
 import csv
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bilevel import config as cfglib
-from bilevel import sweep
+from launch import config as cfglib
+from launch import sweeping as sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = [sys.executable, str(ROOT / "launch" / "sweep.py")]
@@ -72,6 +72,7 @@ def test_aggregation_mean_std_table_csv_plot(tmp_path):
   assert (tmp_path / "comparison.png").is_file()
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_in_parallel_and_resumes(tmp_path):
   d = tmp_path / "sw"
   cmd = SWEEP + ["--config", "toy:quick", "--solvers", "lcp_di,rbp", "--seeds", "0",
@@ -94,6 +95,7 @@ def test_local_sweep_runs_in_parallel_and_resumes(tmp_path):
   assert "--config.solver=rbp" in dry.stdout and "--config.solver=lcp_di" not in dry.stdout
 
 
+@pytest.mark.slow
 def test_bad_sweep_exits_2_with_one_line(tmp_path):
   out = subprocess.run(SWEEP + ["--config", "toy:quick", "--grid", "optimizer.lr=1,2",
                                 "--sweepdir", str(tmp_path)],
@@ -106,6 +108,7 @@ def test_bad_sweep_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                     reason="Ray is an optional extra (pip install -e '.[ray]'); not installed")
+@pytest.mark.slow
 def test_ray_backend_local_cluster(tmp_path):
   d = tmp_path / "ray"
   out = subprocess.run(SWEEP + ["--config", "toy:quick", "--solvers", "rbp", "--seeds", "0",

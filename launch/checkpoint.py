@@ -86,10 +86,6 @@ class Checkpointer:
       return []
     return sorted(self.manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
-    steps = self.steps()
-    return steps[-1] if steps else None
-
   def path(self, step: int) -> Path:
     return self.directory / str(step)
 
