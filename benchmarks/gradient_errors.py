@@ -12,7 +12,6 @@ solvers, not float32 rounding.
 import os
 import pathlib
 import platform
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 
 import problems

@@ -37,7 +37,6 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import problems

@@ -35,9 +35,13 @@ SCHEMA: dict = {
     "log_every_steps": (_INT, lambda v: v > 0, "> 0"),
     "eval_every_epochs": (_INT, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
     "checkpoint_every_steps": (_INT, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    "checkpoint_every_minutes": (_NUM, lambda v: v >= 0, ">= 0 (0 = by steps only)"),
     "keep_checkpoints": (_INT, lambda v: v >= 1, ">= 1"),
     "on_nonfinite": ((str,), lambda v: v in ("stop", "skip"), "'stop' or 'skip'"),
     "max_nonconverged_fraction": (_NUM, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "max_loss_growth": (_NUM, lambda v: v == 0 or v > 1, "> 1, or 0 (off)"),
+    "on_invalid_examples": ((str,), lambda v: v in ("drop", "keep", "stop"),
+                            "'drop', 'keep' or 'stop'"),
 }
 
 # optimizer key -> (types, check, range). Defaults: optimizer_config() and OPTIONAL_OPTIMIZER.
@@ -91,9 +95,20 @@ def base_config(**overrides) -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_epochs = 1
   c.checkpoint_every_steps = 500
+  # Also save when this many minutes passed since the last checkpoint (0 = off).
+  c.checkpoint_every_minutes = 5.0
   c.keep_checkpoints = 3
   c.on_nonfinite = "stop"
-  c.max_nonconverged_fraction = 1.0
+  # Stop ("diverged") when a phase's fixed point did not converge for more than this
+  # fraction of the examples over a logging window (1.0 = never). Configs whose
+  # relaxations run a fixed budget by design set 1.0.
+  c.max_nonconverged_fraction = 0.5
+  # Stop ("diverged") when the logged training loss exceeds this many times its lowest
+  # logged value (0 = off).
+  c.max_loss_growth = 1000.0
+  # Examples (tasks) whose relaxation diverged: 'drop' them from the batch mean,
+  # 'keep' them, or 'stop' the run (bilevel.train.make_train_step(invalid_examples=)).
+  c.on_invalid_examples = "drop"
   c.update(overrides)
   return c
 

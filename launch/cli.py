@@ -2,16 +2,15 @@
 
 ``main(argv)`` parses the flags, sets up devices (``--num_cpu_devices``,
 multi-host), loads and validates the config, and calls :func:`launch.loop.run`.
-Exit status: 0 done, 1 training stopped (see the message), 2 bad config or
-arguments, 130 interrupted.
+Exit status: 0 done, 1 training failed (non-finite values), 2 bad config or
+arguments (nothing trained), 3 training diverged (non-convergence, loss growth),
+130 interrupted (Ctrl-C or SIGTERM; a checkpoint was saved).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,9 +19,9 @@ import jax
 from absl import flags
 
 from launch import config as cfglib
-from launch import loop
+from launch import loop, signals
 from launch.devices import is_primary
-from launch.records import summary_table
+from launch.records import read_summary, summary_table
 from launch.workdir import default_workdir
 
 USAGE = """Train one config: python launch/run.py --config NAME[:preset] [--config.KEY=VALUE ...]
@@ -73,8 +72,7 @@ def setup_devices(fv: flags.FlagValues) -> None:
                                num_processes=fv.num_processes, process_id=fv.process_id)
 
 
-def _raise_keyboard_interrupt(signum, frame):  # preemption: stop like Ctrl-C
-  raise KeyboardInterrupt
+EXIT_STATUS = {"failed": 1, "diverged": 3}
 
 
 def train(fv: flags.FlagValues, config, argv: Sequence[str]) -> int:
@@ -83,8 +81,7 @@ def train(fv: flags.FlagValues, config, argv: Sequence[str]) -> int:
   pairs = cfglib.override_pairs(cfglib.normalize_argv(argv))
   workdir = Path(fv.workdir) if fv.workdir else default_workdir(spec, config, pairs)
   progress = True if fv.progress else (False if fv.no_progress else None)
-  with contextlib.suppress(ValueError):  # not in the main thread
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+  signals.install()  # SIGTERM (preemption) and Ctrl-C: save a checkpoint and stop
   log = print if is_primary() else (lambda s: None)
   label = cfglib.config_label(spec)
   log(f"run: {label} / {config.solver} / seed {config.seed} -> {workdir}")
@@ -92,11 +89,13 @@ def train(fv: flags.FlagValues, config, argv: Sequence[str]) -> int:
     summary = loop.run(config, workdir, config_name=label, progress=progress, log=log,
                        command="python launch/run.py " + shlex.join(argv))
   except loop.TrainingFailure as e:
-    print(f"error: training stopped at {e}", file=sys.stderr)
+    if is_primary() and read_summary(workdir):
+      print(summary_table(read_summary(workdir)))
+    print(f"error: training {e.status} at {e}", file=sys.stderr)
     print(f"  results so far: {Path(workdir).absolute()}/summary.json and metrics.jsonl; "
           f"after fixing the config, re-run with --workdir {workdir} to resume from the "
           "last good checkpoint (or another --workdir to start over)", file=sys.stderr)
-    return 1
+    return EXIT_STATUS.get(e.status, 1)
   except KeyboardInterrupt:
     print(f"\ninterrupted; re-run the same command to resume from the last checkpoint in "
           f"{workdir}", file=sys.stderr)
@@ -112,6 +111,7 @@ def train(fv: flags.FlagValues, config, argv: Sequence[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """``launch/run.py``: returns the exit status."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  signals.die_with_parent()
   fv = flags.FlagValues()
   define_flags(fv)
   if {"-h", "--help", "--helpfull"} & set(argv):

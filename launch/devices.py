@@ -7,12 +7,20 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bilevel.train import BATCH_AXIS, replicate_on
 
 PyTree = Any
+
+
+def agree(decision: bool) -> bool:
+  """Process 0's ``decision`` on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return bool(decision)
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(decision)))
 
 
 def is_primary() -> bool:
@@ -50,4 +58,4 @@ def replicate(tree: PyTree, mesh) -> PyTree:
   return jax.tree.map(lambda a: _global_array(mesh, P(), to_host(a)), tree)
 
 
-__all__ = ["is_primary", "place_batch", "replicate", "to_host"]
+__all__ = ["agree", "is_primary", "place_batch", "replicate", "to_host"]

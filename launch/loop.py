@@ -2,7 +2,7 @@
 
 ``run(config, workdir)`` builds the Task (``problems.make_task``), the solver,
 the optimizer (:mod:`launch.optim`) and a data mesh over ``config.num_devices``
-devices (:func:`build`), then initialises -- or resumes from the newest readable
+devices (:func:`launch.build.build`), then initialises -- or resumes from the newest readable
 checkpoint in ``workdir`` (:func:`resume`) -- and trains for ``num_steps`` (or
 ``num_epochs * steps_per_epoch``) steps (:func:`train`). Batches are pure
 functions of ``(seed, step)``, so a resumed run sees exactly the data the
@@ -31,7 +31,6 @@ rate above ``max_nonconverged_fraction`` over a logging window stops the run.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import statistics
 import sys
 import time
@@ -42,154 +41,31 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-import problems
-from bilevel import tree as tu
-from bilevel.train import data_mesh, init_train_state, make_train_step
-from launch import optim, policy, records
-from launch.checkpoint import Checkpointer
-from launch.config import ConfigError, build_solver, optimizer_config, to_dict, validate
-from launch.devices import is_primary, place_batch, replicate, to_host
+from launch import optim, policy, records, signals
+from launch.build import LoopState, Setup, build, initial_state
+from launch.checkpoint import CheckpointMismatch, Checkpointer
+from launch.config import ConfigError, to_dict, validate
+from launch.devices import agree, place_batch, replicate, to_host
 from launch.policy import TrainingFailure
-from launch.workdir import check_config_compatible, write_config
+from launch.workdir import check_config_compatible, config_changed, lock, unlock, write_config
 
 PyTree = Any
-
-
-@dataclasses.dataclass
-class Setup:
-  """What a run is made of; fixed once built."""
-  config: Any
-  workdir: Path
-  label: str
-  task: Any
-  solver: Any
-  total: int
-  spe: int
-  n_dev: int
-  mesh: Any
-  optimizer: Any
-  polyak_start: int
-  avg_update: Callable
-  step_fn: Callable = None
-  params_finite: Callable = None
-  primary: bool = True
-  log: Callable[[str], None] = print
-  say: Callable[[str], None] = print
-  bar: Any = None
-  tb: Any = None
-
-  @property
-  def metrics_path(self) -> Path:
-    return self.workdir / "metrics.jsonl"
-
-  @property
-  def averaging(self) -> bool:
-    return self.polyak_start >= 0
-
-  @property
-  def skip(self) -> bool:
-    return self.config.on_nonfinite == "skip"
-
-
-@dataclasses.dataclass
-class LoopState:
-  """Everything the loop changes as it goes."""
-  state: Any
-  average: Any
-  t_session: float
-  elapsed_before: float = 0.0
-  resumed_from: Optional[int] = None
-  last_good: Optional[tuple[int, Path]] = None
-  pending_dev: list = dataclasses.field(default_factory=list)
-  pending_host: list = dataclasses.field(default_factory=list)
-  last_train: dict = dataclasses.field(default_factory=dict)
-  last_eval: dict = dataclasses.field(default_factory=dict)
-  window_times: list = dataclasses.field(default_factory=list)
-  t_window: float = 0.0
-  steps_in_window: int = 0
-  evaluated_at: int = -1
-  status: str = "completed"
-  reason: str = ""
-
-  def step(self) -> int:
-    return int(to_host(self.state.step))
-
-
-def resolve_total_steps(config: Any, steps_per_epoch: int) -> int:
-  if config.num_steps:
-    return int(config.num_steps)
-  return int(config.num_epochs) * int(steps_per_epoch)
-
-
-# ----- building --------------------------------------------------------------------------
-
-def make_task(config: Any):
-  """``problems.make_task(config)``; a problem's complaint is a ConfigError."""
-  try:
-    return problems.make_task(config)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    msg = e.args[0] if e.args else str(e)
-    raise ConfigError(f"problem {config.problem!r}: {msg}") from e
-
-
-def device_count(config: Any) -> int:
-  """Devices of the data mesh; ConfigError when the config asks for what cannot run."""
-  n_avail = len(jax.devices())
-  n_dev = int(config.num_devices) or n_avail
-  if n_dev > n_avail:
-    raise ConfigError(
-        f"config.num_devices={n_dev} but only {n_avail} device(s) exist; lower it (0 = "
-        "all), or on CPU pass --num_cpu_devices N to launch/run.py")
-  if config.batch_size % n_dev:
-    raise ConfigError(
-        f"batch_size {config.batch_size} is not divisible by the {n_dev} devices; set "
-        f"--config.batch_size to a multiple of {n_dev} or --config.num_devices")
-  return n_dev
-
-
-def build(config: Any, workdir: Path, label: str, log: Callable[[str], None]) -> Setup:
-  """Task, solver, optimizer, mesh and step function (errors: ConfigError, before compiling)."""
-  task = make_task(config)
-  solver = build_solver(config)
-  spe = int(task.steps_per_epoch)
-  total = resolve_total_steps(config, spe)
-  if total <= 0:
-    raise ConfigError("the run has 0 steps; set --config.num_epochs or "
-                      "--config.num_steps to a positive number")
-  opt_cfg = optimizer_config(config)
-  n_dev = device_count(config)
-  polyak_epoch = int(opt_cfg["polyak_start_epoch"])
-  polyak_start = polyak_epoch * spe if polyak_epoch >= 0 else -1
-  setup = Setup(config=config, workdir=workdir, label=label, task=task, solver=solver,
-                total=total, spe=spe, n_dev=n_dev, mesh=data_mesh(n_dev),
-                optimizer=optim.make_optimizer(opt_cfg, total, spe),
-                polyak_start=polyak_start,
-                avg_update=optim.make_average_update(polyak_start, opt_cfg["polyak_decay"]),
-                primary=is_primary(), log=log, say=log)
-  setup.step_fn = make_train_step(task.problem, solver, setup.optimizer, mesh=setup.mesh,
-                                  skip_nonfinite=setup.skip)
-  setup.params_finite = jax.jit(tu.tree_all_finite)
-  return setup
-
-
-def initial_state(setup: Setup) -> tuple[Any, Any]:
-  """Fresh (TrainState, average) replicated on the mesh."""
-  state = init_train_state(setup.task.problem, setup.solver, setup.optimizer,
-                           jax.random.key(setup.config.seed), setup.task.example)
-  state = replicate(state, setup.mesh)
-  average = (replicate(optim.init_average(state.params), setup.mesh)
-             if setup.averaging else None)
-  return state, average
 
 
 # ----- resume and checkpoints --------------------------------------------------------------
 
 def resume(setup: Setup, ckpt: Checkpointer, loop: LoopState) -> int:
   """Restores the newest readable checkpoint into ``loop``; returns the start step."""
-  restored = ckpt.restore(loop.state, loop.average)
+  changed = config_changed(setup.workdir, to_dict(setup.config))
+  try:  # a checkpoint that fits no template is a config change only if the config changed
+    restored = ckpt.restore(loop.state, loop.average, mismatch_is_corrupt=not changed)
+  except CheckpointMismatch as e:
+    raise ConfigError(f"{e}; pass another --workdir, or delete {setup.workdir} to start "
+                      "over") from e
   if restored is None:
     if setup.primary and setup.metrics_path.exists():
       setup.metrics_path.unlink()  # a run that never checkpointed restarts from scratch
+    setup.log(f"no checkpoint found in {ckpt.directory}, starting from step 0")
     return 0
   step, loop.state, restored_avg, host = restored
   if setup.averaging:
@@ -201,6 +77,9 @@ def resume(setup: Setup, ckpt: Checkpointer, loop: LoopState) -> int:
   if setup.primary:
     records.truncate_metrics(setup.metrics_path, step)
     setup.log(f"resuming from {ckpt.path(step)} (step {step}/{setup.total})")
+  losses = [r["loss"] for r in records.read_jsonl(setup.metrics_path)
+            if r.get("split") == "train" and isinstance(r.get("loss"), float)]
+  loop.lowest_loss = min(losses, default=float("inf"))
   return loop.step()
 
 
@@ -211,13 +90,28 @@ def host_state(setup: Setup, loop: LoopState, step: int) -> dict:
           "skipped": int(to_host(loop.state.skipped))}
 
 
-def save(setup: Setup, ckpt: Checkpointer, loop: LoopState, step: int) -> None:
-  path = ckpt.save(step, loop.state, loop.average, host_state(setup, loop, step))
-  loop.last_good = (step, path)
+def save(setup: Setup, ckpt: Checkpointer, loop: LoopState, step: int,
+         stopping: bool = False) -> None:
+  """A checkpoint of step ``step``; Ctrl-C/SIGTERM wait until it is written."""
+  with signals.deferred(raise_after=not stopping):
+    path = ckpt.save(step, loop.state, loop.average, host_state(setup, loop, step))
+    loop.last_good, loop.t_saved = (step, path), time.time()
 
 
-def fail(loop: LoopState, step: int, what: str, fix: str) -> None:
-  raise TrainingFailure(policy.failure_message(step, what, fix, loop.last_good))
+def checkpoint_due(setup: Setup, loop: LoopState, s: int, logged: bool) -> bool:
+  """By steps, at the end, or (at logging steps) when ``checkpoint_every_minutes``
+  passed since the last save -- decided by process 0 for every process."""
+  every = int(setup.config.checkpoint_every_steps)
+  if (every > 0 and s % every == 0) or s == setup.total:
+    return True
+  minutes = float(setup.config.checkpoint_every_minutes)
+  if not (logged and minutes > 0):
+    return False
+  return agree(time.time() - loop.t_saved >= 60.0 * minutes)
+
+
+def fail(loop: LoopState, step: int, what: str, fix: str, status: str = "failed") -> None:
+  raise TrainingFailure(policy.failure_message(step, what, fix, loop.last_good), status)
 
 
 # ----- metrics, failure policy, records -----------------------------------------------------
@@ -234,9 +128,14 @@ def flush(setup: Setup, loop: LoopState, step: int, do_log: bool) -> None:
   for (s, _), m in zip(loop.pending_dev, fetched):
     rec = host_record(m)
     loop.pending_host.append(rec)
+    if rec.get("loss", float("inf")) < loop.lowest_loss:  # NaN compares False
+      loop.lowest_loss = rec["loss"]
     if policy.is_nonfinite(rec) and not setup.skip:
       log_window(setup, loop, s)
       fail(loop, s, *policy.nonfinite_failure(rec, setup.config.solver))
+    if setup.config.on_invalid_examples == "stop" and rec.get("dropped_examples", 0) > 0:
+      log_window(setup, loop, s)
+      fail(loop, s, *policy.invalid_examples_failure(rec, setup.config.solver), "diverged")
   loop.pending_dev = []
   if not bool(to_host(setup.params_finite(loop.state.params))):  # skipping cannot fix this
     fail(loop, step, *policy.PARAMS_NOT_FINITE)
@@ -265,10 +164,12 @@ def log_window(setup: Setup, loop: LoopState, step: int) -> None:
     if setup.bar is not None and not setup.bar.disable:
       setup.bar.set_postfix({records.SHORT_NAMES[k]: records.fmt(rec[k])
                              for k in records.KEY_METRICS if k in rec}, refresh=False)
-  stop = policy.convergence_failure(rec, float(setup.config.max_nonconverged_fraction), n,
-                                    setup.config.solver)
+  stop = (policy.convergence_failure(rec, float(setup.config.max_nonconverged_fraction), n,
+                                     setup.config.solver)
+          or policy.loss_growth_failure(rec, loop.lowest_loss,
+                                        float(setup.config.max_loss_growth)))
   if stop is not None:
-    fail(loop, step, *stop)
+    fail(loop, step, *stop, "diverged")
 
 
 def evaluate(setup: Setup, loop: LoopState, step: int) -> dict:
@@ -305,10 +206,9 @@ def after_step(setup: Setup, ckpt: Checkpointer, loop: LoopState, s: int) -> Non
   """Logging, evaluation and checkpoint due after step ``s`` (1-based)."""
   config = setup.config
   eval_every = int(config.eval_every_epochs) * setup.spe
-  ckpt_every = int(config.checkpoint_every_steps)
   do_log = s % int(config.log_every_steps) == 0 or s == setup.total
   do_eval = eval_every > 0 and s % eval_every == 0 and s != setup.total
-  do_ckpt = (ckpt_every > 0 and s % ckpt_every == 0) or s == setup.total
+  do_ckpt = checkpoint_due(setup, loop, s, do_log)
   if do_log or do_eval or do_ckpt:
     flush(setup, loop, s, do_log)
   if do_eval:
@@ -365,18 +265,18 @@ def interrupted(setup: Setup, ckpt: Checkpointer, loop: LoopState) -> None:
   if done > (loop.last_good[0] if loop.last_good else 0) and bool(
       to_host(setup.params_finite(loop.state.params))):
     with contextlib.suppress(Exception):
-      save(setup, ckpt, loop, done)
+      save(setup, ckpt, loop, done, stopping=True)
       setup.log(f"saved checkpoint {ckpt.path(done)} before stopping")
 
 
 def make_summary(setup: Setup, loop: LoopState) -> dict:
   config, status, last_good = setup.config, loop.status, loop.last_good
+  kept = status in ("completed", "interrupted")
   now = time.time()
   return {
       "config": setup.label, "problem": config.problem, "solver": config.solver,
       "seed": int(config.seed), "status": status, "reason": loop.reason,
-      "steps": (loop.step() if status in ("completed", "interrupted")
-                else (last_good[0] if last_good else 0)),
+      "steps": loop.step() if kept else (last_good[0] if last_good else 0),
       "total_steps": setup.total, "steps_per_epoch": setup.spe,
       "epochs": setup.total / setup.spe,
       "wall_time_s": loop.elapsed_before + (now - loop.t_session),
@@ -407,18 +307,57 @@ def write_results(setup: Setup, summary: dict) -> None:
 
 # ----- one call ------------------------------------------------------------------------------
 
-def prepare(config: Any, workdir: Path, config_name: str, command: str,
+def prepare(config: Any, workdir: Path, config_name: str,
             log: Callable[[str], None]) -> Setup:
-  """Validates, checks the work directory, builds, and records ``config.json``."""
+  """Validates and builds (a ConfigError before anything is written), then takes the
+  work directory's lock and checks that a new config may resume what is there."""
   validate(config)
-  config_dict = to_dict(config)
-  if (workdir / "checkpoints").exists():
-    check_config_compatible(workdir, config_dict, log)
   setup = build(config, workdir, config_name or config.problem, log)
-  if setup.primary:  # the config is runnable: record it
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_config(workdir, config_name, command, config_dict)
+  if setup.primary:
+    setup.lock_fd = lock(workdir)
+  try:
+    if (workdir / "checkpoints").exists():
+      check_config_compatible(workdir, to_dict(config), log)
+  except BaseException:
+    unlock(setup.lock_fd)
+    raise
   return setup
+
+
+def begin(setup: Setup, ckpt: Checkpointer, loop: LoopState, config_name: str,
+          command: str) -> int:
+  """Resumes (or not), then records ``config.json``; returns the first step."""
+  try:
+    first = resume(setup, ckpt, loop)
+  except BaseException:
+    ckpt.close()
+    raise
+  if setup.primary:  # the config can run in this work directory: record it
+    write_config(setup.workdir, config_name, command, to_dict(setup.config))
+  return first
+
+
+def train_to_end(setup: Setup, ckpt: Checkpointer, loop: LoopState,
+                 first: int) -> Optional[dict]:
+  """Trains from ``first``, applying the failure and interrupt policies; returns the
+  old summary when the run had already completed."""
+  try:
+    done = finished_before(setup, loop, first)
+    if done is not None:
+      setup.log(f"{setup.workdir}: already complete at step {first}; nothing to train "
+                "(delete the directory or pass another --workdir to train again)")
+      return done
+    train(setup, ckpt, loop, first)
+  except TrainingFailure as e:
+    loop.status, loop.reason = e.status, str(e)
+  except KeyboardInterrupt:
+    interrupted(setup, ckpt, loop)
+  finally:
+    setup.bar.close()
+    setup.tb.close()
+    with signals.deferred(raise_after=False):
+      ckpt.close()
+  return None
 
 
 def attach_outputs(setup: Setup, start: int, progress: Optional[bool]) -> None:
@@ -438,34 +377,27 @@ def run(config: Any, workdir: Any, *, config_name: str = "", command: str = "",
 
   Returns the summary dict (also written to ``workdir/summary.json``). Raises
   :class:`launch.config.ConfigError` for a config that cannot run (before
-  compiling) and :class:`TrainingFailure` when a failure check stops the run.
+  compiling, nothing written), :class:`TrainingFailure` when a failure check stops
+  the run (``.status``: 'failed' or 'diverged'), ``KeyboardInterrupt`` when
+  interrupted (after saving a checkpoint).
   """
   t_session = time.time()
-  setup = prepare(config, Path(workdir).absolute(), config_name, command, log)
-  loop = LoopState(*initial_state(setup), t_session=t_session)
-  ckpt = Checkpointer(setup.workdir / "checkpoints", keep=config.keep_checkpoints,
-                      warn=lambda m: log(f"warning: {m}"))
-  start = resume(setup, ckpt, loop)
-  attach_outputs(setup, start, progress)
+  setup = prepare(config, Path(workdir).absolute(), config_name, log)
   try:
-    done = finished_before(setup, loop, start)
+    loop = LoopState(*initial_state(setup), t_session=t_session)
+    ckpt = Checkpointer(setup.workdir / "checkpoints", keep=config.keep_checkpoints,
+                        warn=lambda m: log(f"warning: {m}"))
+    first = begin(setup, ckpt, loop, config_name, command)
+    attach_outputs(setup, first, progress)
+    done = train_to_end(setup, ckpt, loop, first)
     if done is not None:
-      log(f"{setup.workdir}: already complete at step {start}; nothing to train "
-          "(delete the directory or pass another --workdir to train again)")
       return done
-    train(setup, ckpt, loop, start)
-  except TrainingFailure as e:
-    loop.status, loop.reason = "failed", str(e)
-  except KeyboardInterrupt:
-    interrupted(setup, ckpt, loop)
+    summary = make_summary(setup, loop)
+    write_results(setup, summary)
   finally:
-    setup.bar.close()
-    setup.tb.close()
-    ckpt.close()
-  summary = make_summary(setup, loop)
-  write_results(setup, summary)
-  if loop.status == "failed":
-    raise TrainingFailure(loop.reason)
+    unlock(setup.lock_fd)
+  if loop.status in ("failed", "diverged"):
+    raise TrainingFailure(loop.reason, loop.status)
   if loop.status == "interrupted":
     raise KeyboardInterrupt
   return summary

@@ -14,8 +14,13 @@ _PHASE_ORDER = {"free": 0, "controlled": 1, "adjoint": 2}  # upstream phases fir
 
 
 class TrainingFailure(RuntimeError):
-  """The run stopped (non-finite values, non-convergence); the message says where
-  and what to do. ``summary.json`` holds ``status: 'failed'`` and the reason."""
+  """The run stopped; the message says where and what to do. ``status`` (also in
+  ``summary.json``) is 'failed' (non-finite values) or 'diverged' (non-convergence,
+  loss growth, diverged examples with ``on_invalid_examples='stop'``)."""
+
+  def __init__(self, message: str, status: str = "failed"):
+    super().__init__(message)
+    self.status = status
 
 
 def failure_message(step: int, what: str, fix: str,
@@ -81,8 +86,32 @@ def convergence_failure(window: dict, limit: float, steps: int,
   return None
 
 
+def loss_growth_failure(window: dict, lowest: float,
+                        limit: float) -> Optional[tuple[str, str]]:
+  """``(what, fix)`` when the window's mean loss exceeds ``limit`` times the lowest
+  loss of a step so far (``limit == 0`` or no loss: never)."""
+  loss = window.get("loss")
+  if not limit or loss is None or not lowest < float("inf") or lowest <= 0:
+    return None
+  if loss > limit * lowest:
+    return (f"the training loss grew to {fmt(loss)}, {fmt(loss / lowest)} times its lowest "
+            f"value so far {fmt(lowest)} (limit max_loss_growth={fmt(limit)})",
+            "Lower --config.optimizer.learning_rate or set --config.optimizer.clip_norm "
+            "(or raise --config.max_loss_growth, 0 = off)")
+  return None
+
+
+def invalid_examples_failure(rec: dict, solver: str) -> tuple[str, str]:
+  """``(what, fix)`` for a step that dropped diverged examples under 'stop'."""
+  return (f"{int(rec.get('dropped_examples', 0))} example(s) of the batch diverged "
+          "(on_invalid_examples=stop)",
+          f"Damp the relaxations of --config.solvers.{solver} (strategy=anderson, a smaller "
+          "dt), or pass --config.on_invalid_examples=drop to leave them out of the update")
+
+
 PARAMS_NOT_FINITE = ("the parameters are not finite",
                      "Lower --config.optimizer.learning_rate or set --config.optimizer.clip_norm")
 
 __all__ = ["PARAMS_NOT_FINITE", "TrainingFailure", "convergence_failure", "diverged_phases",
-           "failure_message", "is_nonfinite", "nonfinite_failure"]
+           "failure_message", "invalid_examples_failure", "is_nonfinite",
+           "loss_growth_failure", "nonfinite_failure"]

@@ -10,7 +10,8 @@ Examples::
 Flags (``--help`` lists them): ``--workdir``, ``--num_cpu_devices``, ``--no_progress``,
 ``--print_config``, ``--coordinator/--num_processes/--process_id``. The command
 line is parsed by :mod:`launch.cli` (absl flags and ``ml_collections.config_flags``).
-Exit status: 0 done, 1 training stopped (see the message), 2 bad config or arguments.
+Exit status: 0 done, 1 failed, 2 bad config, arguments or work directory, 3 diverged,
+130 interrupted (a checkpoint was saved; re-run to resume).
 """
 
 import sys

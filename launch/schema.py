@@ -109,11 +109,77 @@ def _validate_names(config: Any) -> None:
       raise ConfigError(f"config.solvers.{name} must be a group of options, got {opts!r}")
 
 
+# What a problem offers beyond `dynamics`, and what a solver needs of it. Declared
+# here so that a mismatch is found at config time without building the problem
+# (and loading its data); tests/test_config.py::test_declared_capabilities_are_the_real_ones
+# checks both tables against solver.init on the real problems, and that every
+# registered problem is listed. energy: the problem has an inner `energy`;
+# fast_weights: its state is a copy of the (slow) parameters (meta-learning);
+# feedback: it exposes `feedback_units` and `feedback_modulation`.
+PROBLEM_OFFERS: dict[str, set] = {
+    "toy": set(), "mnist_ff": {"feedback"}, "mnist_rnn": {"feedback"},
+    "omniglot": {"energy", "fast_weights"}, "cifar10_ff": set(), "cifar10_deq": set(),
+    "inr": set()}
+SOLVER_NEEDS: dict[str, set] = {
+    "cml": {"energy"}, "imaml": {"energy"}, "fomaml": {"fast_weights"},
+    "reptile": {"fast_weights"}, "lcp_lf": {"feedback"}}
+_OFFER_NAMES = {"energy": "an inner energy (problem.has_energy)",
+                "fast_weights": "a state that is a copy of the parameters (meta-learning)",
+                "feedback": "the feedback hooks feedback_units / feedback_modulation"}
+
+
+def solver_needs(config: Any) -> set:
+  """What ``config.solver`` with its options needs of the problem."""
+  needs = set(SOLVER_NEEDS.get(config.solver, ()))
+  if solver_options(config).get("adjoint_method") == "cg":
+    needs.add("energy")
+  return needs
+
+
+def _validate_compatibility(config: Any) -> None:
+  offers = PROBLEM_OFFERS.get(config.problem)
+  if offers is None:  # a problem not declared here: solver.init checks at run time
+    return
+  missing = sorted(solver_needs(config) - offers)
+  if missing:
+    able = sorted(name for name in solvers.REGISTRY
+                  if not SOLVER_NEEDS.get(name, set()) - offers)
+    raise ConfigError(f"solver {config.solver!r} needs {_OFFER_NAMES[missing[0]]}, which "
+                      f"problem {config.problem!r} does not have; use one of: "
+                      f"{', '.join(able)} (--config.solver=NAME)")
+
+
+def _walk(tree: Any, prefix: str):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _walk(v, f"{prefix}.{k}")
+  else:
+    yield prefix, tree
+
+
+def _validate_solver_values(config: Any) -> None:
+  """alpha = 0 and max_steps = 0 are accepted by the solvers but never meaningful in a
+  run: rejected here with the reason."""
+  for key, value in _walk(solver_options(config), f"solvers.{config.solver}"):
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "alpha" and isinstance(value, (int, float)) and value == 0:
+      raise ConfigError(
+          f"config.{key} = 0: pure integral control settles only where grad L(y) = 0 "
+          "exactly (never with cross-entropy), and settings derived from alpha (k_i = "
+          "1/alpha, EBD's beta = 1/alpha) become infinite; use a small alpha > 0 (e.g. 1e-3)")
+    if leaf in ("max_steps", "num_steps") and isinstance(value, int) and value == 0:
+      raise ConfigError(
+          f"config.{key} = 0 runs no iteration: the 'equilibrium' would be the initial "
+          "state and the gradient meaningless; use >= 1")
+
+
 def validate(config: Any, *, check_solver: bool = True) -> None:
   """Raises :class:`ConfigError` (one line, naming the fix) if ``config`` is invalid."""
   _validate_keys(config)
   _validate_optimizer(config)
   _validate_names(config)
+  _validate_compatibility(config)
+  _validate_solver_values(config)
   if check_solver:
     build_solver(config)
 
@@ -126,5 +192,5 @@ def build_solver(config: Any):
     raise ConfigError(f"config.solvers.{config.solver}: {e}") from e
 
 
-__all__ = ["ConfigError", "build_solver", "check_value", "optimizer_config", "solver_options",
+__all__ = ["PROBLEM_OFFERS", "SOLVER_NEEDS", "ConfigError", "build_solver", "check_value", "optimizer_config", "solver_options",
            "to_dict", "validate"]

@@ -12,8 +12,9 @@ crashed worker never takes the others down. Backends:
   file system), otherwise Ray starts a local one-machine cluster.
 
 Resumable: a run whose ``summary.json`` says ``completed`` is skipped, an
-interrupted one resumes from its last checkpoint, a failed one is reported (and
-retried with ``--retry_failed``). When the runs are done the sweep writes
+interrupted one resumes from its last checkpoint, a failed or diverged one is
+reported (and retried with ``--retry_failed``). The children die with the sweep
+(even ``kill -9``), and a work-directory lock keeps two processes off one run. When the runs are done the sweep writes
 ``results.csv`` (one row per run), ``results.md`` (mean +- std over seeds per
 cell) and ``comparison.png`` into the sweep directory.
 """
@@ -37,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 from absl import flags
 
 from launch import config as cfglib
+from launch import signals
 from launch.records import atomic_savefig, atomic_write_text, fmt, mean_std, read_summary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -148,16 +150,22 @@ def execute(cmd: Sequence[str], log_path: str, env: Optional[dict] = None) -> in
   return proc.returncode
 
 
-def _worker_env() -> dict:
+def _worker_env(die_with_sweep: bool = False) -> dict:
   env = dict(os.environ)
   pp = env.get("PYTHONPATH", "")
   env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
+  if die_with_sweep:  # launch/run.py asks the kernel for SIGTERM when we die
+    env[signals.PARENT_ENV] = str(os.getpid())
   return env
 
 
 def run_local(jobs: list[tuple[RunSpec, list[str], str]], workers: int,
               on_done: Callable[[RunSpec, int], None]) -> None:
-  env = _worker_env()
+  """A pool of worker threads, each waiting on one ``launch/run.py`` child. The
+  children die with the sweep (SIGTERM, even when the sweep is killed with -9:
+  :func:`launch.signals.die_with_parent`) and are in its process group (Ctrl-C
+  reaches them); each run's work-directory lock keeps a rerun off a live child."""
+  env = _worker_env(die_with_sweep=True)
   with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
     futures = {pool.submit(execute, cmd, log, env): run for run, cmd, log in jobs}
     for fut in as_completed(futures):
@@ -410,7 +418,8 @@ def pending_runs(plan: Plan, retry_failed: bool) -> tuple[list[RunSpec], int]:
   todo = []
   for run in plan.runs:
     status = read_summary(run.workdir).get("status")
-    if not (status == "completed" or (status == "failed" and not retry_failed)):
+    stopped = status in ("failed", "diverged")
+    if not (status == "completed" or (stopped and not retry_failed)):
       todo.append(run)
   return todo, len(plan.runs) - len(todo)
 

@@ -3,7 +3,10 @@ new config may resume what is there."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,8 +15,52 @@ from launch.records import atomic_write_text, read_json, read_summary
 
 # Config keys that may differ when resuming in an existing work directory.
 RESUMABLE_CHANGES = {"num_steps", "num_epochs", "log_every_steps", "eval_every_epochs",
-                     "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite",
-                     "max_nonconverged_fraction", "data_dir"}
+                     "checkpoint_every_steps", "checkpoint_every_minutes",
+                     "keep_checkpoints", "on_nonfinite", "max_nonconverged_fraction",
+                     "max_loss_growth", "on_invalid_examples", "data_dir"}
+LOCK_NAME = ".lock"
+
+
+def prepare_dir(workdir: Path) -> None:
+  """Creates ``workdir``; a ConfigError (one line) when it cannot be used."""
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"work directory {workdir} is a file; pass another --workdir "
+                      "(or remove that file)")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f"cannot write to work directory {workdir} ({e.strerror or e}); "
+                      "pass a writable --workdir") from e
+
+
+def lock(workdir: Path) -> int:
+  """Takes the exclusive lock of ``workdir`` (``fcntl.flock`` on ``workdir/.lock``,
+  holding this pid); returns its file descriptor (closing it releases the lock, as
+  does the end of the process). ConfigError naming the holder's pid when another
+  process holds it."""
+  prepare_dir(workdir)
+  fd = os.open(workdir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    os.close(fd)
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise
+    raise ConfigError(f"work directory {workdir} is in use by process {holder} (another "
+                      "launch/run.py); wait for it to finish, stop it, or pass another "
+                      "--workdir") from e
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+  return fd
+
+
+def unlock(fd: int | None) -> None:
+  if fd is not None:
+    os.close(fd)
 
 
 def default_workdir(spec: str, config: Any, pairs: list[tuple[str, str]]) -> Path:
@@ -41,6 +88,12 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
           if old.get(k) != new.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES]
 
 
+def config_changed(workdir: Path, config_dict: dict) -> bool:
+  """Whether ``workdir/config.json`` records another config (any non-resumable key)."""
+  recorded = read_json(workdir / "config.json")
+  return bool(recorded) and bool(config_changes(recorded.get("config", {}), config_dict))
+
+
 def check_config_compatible(workdir: Path, config_dict: dict,
                             log: Callable[[str], None]) -> None:
   """Refuses to resume a different config, except harmless keys, or anything after
@@ -51,7 +104,7 @@ def check_config_compatible(workdir: Path, config_dict: dict,
   diffs = config_changes(recorded.get("config", {}), config_dict)
   if not diffs:
     return
-  if read_summary(workdir).get("status") == "failed":
+  if read_summary(workdir).get("status") in ("failed", "diverged"):
     log("note: resuming a failed run with a changed config ("
         + ", ".join(f"config.{k}: {a!r} -> {b!r}" for k, a, b in diffs) + ")")
     return
@@ -69,5 +122,5 @@ def write_config(workdir: Path, config_name: str, command: str, config_dict: dic
       indent=2, sort_keys=True, default=repr) + "\n")
 
 
-__all__ = ["RESUMABLE_CHANGES", "check_config_compatible", "config_changes",
+__all__ = ["RESUMABLE_CHANGES", "config_changed", "lock", "prepare_dir", "unlock", "check_config_compatible", "config_changes",
            "default_workdir", "write_config"]

@@ -85,12 +85,27 @@ def test_both_override_syntaxes_and_any_order():
   assert (c.seed, c.batch_size, c.optimizer.nesterov) == (3, 8, True)
 
 
+# Issue 12 added these keys (default) after the golden dump was made ...
+ADDED = {"checkpoint_every_minutes": 5.0, "max_loss_growth": 1000.0,
+         "on_invalid_examples": "drop"}
+# ... and turned the non-convergence stop on by default (configs whose relaxations
+# run a fixed budget by design keep 1.0, i.e. their values are unchanged).
+REDEFAULTED = {"max_nonconverged_fraction": (1.0, 0.5)}
+BUDGET_LIMITED = ("cifar10_ff", "cifar10_deq", "inr", "omniglot")
+
+
 def test_every_config_and_preset_resolves_as_before():
   """Golden dump (made before the redesign): every config and preset resolves to
-  exactly the same values."""
+  exactly the same values, up to the keys issue 12 added or re-defaulted."""
   golden = json.loads((ROOT / "tests" / "data" / "config_dump.json").read_text())
   for spec, want in golden.items():
     got = json.loads(json.dumps(cfglib.to_dict(cfglib.load(spec)), default=repr))
+    for key, default in ADDED.items():
+      assert got.pop(key) == default, (spec, key)
+    for key, (old, new) in REDEFAULTED.items():
+      expect = old if spec.split(":")[0] in BUDGET_LIMITED else new
+      assert want[key] == old and got[key] == expect, (spec, key)
+      got[key] = old
     assert got == want, spec
 
 
@@ -202,3 +217,62 @@ def test_polyak_and_ema_averages():
   for x in (2.0, 6.0, 3.0):
     expect = 0.5 * expect + 0.5 * x
   assert float(avg.params) == pytest.approx(expect)
+
+
+# ----- issue 12, items 11 and 13: found at config time ------------------------------------
+
+@pytest.mark.parametrize("spec, pair, expect", [
+    ("mnist_ff", ("solver", "cml"), "solver 'cml' needs an inner energy"),
+    ("mnist_ff", ("solver", "reptile"), "solver 'reptile' needs a state that is a copy"),
+    ("omniglot", ("solver", "lcp_lf"), "solver 'lcp_lf' needs the feedback hooks"),
+    ("toy", ("solvers.rbp.adjoint_method", "cg"), None),  # solver is lcp_di: fine
+    ("toy:quick", ("solvers.lcp_di.alpha", "0"), "alpha = 0: pure integral control"),
+    ("toy:quick", ("solvers.lcp_di.controlled.max_steps", "0"), "max_steps = 0 runs no "
+     "iteration"),
+])
+def test_solver_problem_mismatch_and_meaningless_values_are_config_errors(spec, pair, expect):
+  if expect is None:
+    load(pair, spec=spec)
+    return
+  with pytest.raises(cfglib.ConfigError, match=expect) as info:
+    load(pair, spec=spec)
+  assert "\n" not in str(info.value)
+
+
+def test_mismatch_found_by_print_config_and_sweep_dry_run(tmp_path, capsys):
+  """Item 11: one line, exit 2, nothing written -- also for --print_config and
+  sweep --dry_run."""
+  from launch import cli, sweeping
+  wd = tmp_path / "run"
+  assert cli.main(["--config", "mnist_ff", "--config.solver=cml", "--workdir", str(wd)]) == 2
+  assert cli.main(["--config", "mnist_ff", "--config.solver=cml", "--print_config"]) == 2
+  assert sweeping.main(["--config", "mnist_ff", "--solvers", "cml", "--dry_run",
+                        "--sweepdir", str(tmp_path / "sweep")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and all("needs an inner energy" in line for line in err)
+  assert not wd.exists() and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow  # builds the MNIST and Omniglot tasks
+def test_declared_capabilities_are_the_real_ones():
+  """launch/schema.py's PROBLEM_OFFERS / SOLVER_NEEDS against solver.init on the real
+  problems (every registered solver on a small instance of each kind of problem)."""
+  import jax
+  import problems
+  import solvers
+  from launch import schema
+  assert set(schema.PROBLEM_OFFERS) == set(problems.REGISTRY)
+  assert set(schema.SOLVER_NEEDS) <= set(solvers.REGISTRY)
+  for spec in ("toy", "mnist_ff:quick", "omniglot:test"):
+    config = load(spec=spec)
+    task = problems.make_task(config)
+    params = task.problem.init_params(jax.random.key(0), task.example)
+    offers = schema.PROBLEM_OFFERS[config.problem]
+    for name in solvers.REGISTRY:
+      declared = not schema.SOLVER_NEEDS.get(name, set()) - offers
+      try:
+        solvers.get_solver(name).init(task.problem, params, jax.random.key(0))
+        works = True
+      except ValueError:
+        works = False
+      assert declared == works, (spec, name)

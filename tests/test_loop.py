@@ -1,7 +1,10 @@
-"""The training loop's policies as plain functions (launch/loop.py, policy.py, records.py,
-workdir.py): no training, no subprocess -- fake metrics, states and checkpointers."""
+"""The training loop's policies as plain functions (launch/loop.py, build.py, policy.py,
+records.py, workdir.py, signals.py): no training, no subprocess -- fake metrics, states and checkpointers."""
 
 import json
+import os
+import signal
+import time
 import types
 from pathlib import Path
 
@@ -9,7 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from launch import loop, policy, records, workdir
+from launch import build as buildlib
+from launch import loop, policy, records, signals, workdir
 from launch.config import ConfigError
 
 
@@ -17,12 +21,15 @@ def config(**kw):
   c = ml_collections.ConfigDict(dict(
       solver="lcp_di", problem="toy", seed=0, on_nonfinite="stop",
       max_nonconverged_fraction=1.0, log_every_steps=2, eval_every_epochs=0,
-      checkpoint_every_steps=4, num_steps=0, num_epochs=1))
+      checkpoint_every_steps=4, num_steps=0, num_epochs=1, checkpoint_every_minutes=0.0,
+      max_loss_growth=0.0, on_invalid_examples="drop"))
   c.update(kw)
   return c
 
 
 class FakeCheckpointer:
+  directory = Path("/ckpt")
+
   def __init__(self, restored=None):
     self.saved, self.restored = [], restored
 
@@ -33,7 +40,7 @@ class FakeCheckpointer:
   def path(self, step):
     return Path(f"/ckpt/{step}")
 
-  def restore(self, state, average):
+  def restore(self, state, average, mismatch_is_corrupt=False):
     return self.restored
 
 
@@ -214,5 +221,119 @@ def test_finished_before_and_summary(tmp_path):
 
 
 def test_total_steps():
-  assert loop.resolve_total_steps(config(num_steps=5), 100) == 5
-  assert loop.resolve_total_steps(config(num_epochs=3), 10) == 30
+  assert buildlib.resolve_total_steps(config(num_steps=5), 100) == 5
+  assert buildlib.resolve_total_steps(config(num_epochs=3), 10) == 30
+
+
+# ----- issue 12: nothing fails silently -------------------------------------------------------
+
+def test_loss_growth_and_invalid_examples_end_as_diverged(tmp_path):
+  """Item 8: a blow-up without NaN stops with status 'diverged' and a fix."""
+  assert policy.loss_growth_failure({"loss": 50.0}, 0.1, 1000.0) is None
+  assert policy.loss_growth_failure({"loss": 500.0}, 0.1, 0.0) is None  # off
+  setup, state = make(tmp_path, config(max_loss_growth=1000.0))
+  state.pending_dev = [(1, {"loss": np.float32(0.5)}), (2, {"loss": np.float32(1e9)})]
+  with pytest.raises(policy.TrainingFailure, match="the training loss grew to") as info:
+    loop.flush(setup, state, 2, do_log=True)
+  assert info.value.status == "diverged" and "learning_rate" in str(info.value)
+  setup, state = make(tmp_path, config(on_invalid_examples="stop"))
+  state.pending_dev = [(1, {"loss": np.float32(0.5), "dropped_examples": np.int32(2)})]
+  with pytest.raises(policy.TrainingFailure, match="2 example.* diverged") as info:
+    loop.flush(setup, state, 1, do_log=False)
+  assert info.value.status == "diverged"
+
+
+def test_train_step_gets_the_invalid_examples_policy():
+  """Once bilevel.train offers invalid_examples=, 'keep' keeps and 'drop'/'stop' drop."""
+  opts = buildlib.train_step_options(config(on_invalid_examples="keep", on_nonfinite="skip"))
+  assert opts["skip_nonfinite"] is True
+  assert opts.get("invalid_examples", "keep") == "keep"
+  assert buildlib.train_step_options(config(on_invalid_examples="stop")).get(
+      "invalid_examples", "drop") == "drop"
+
+
+def test_checkpoint_on_wall_time_at_logging_steps(tmp_path, monkeypatch):
+  """Item 10: besides every N steps, a checkpoint when M minutes passed (checked when
+  a window is logged)."""
+  setup, state = make(tmp_path, config(checkpoint_every_steps=0, checkpoint_every_minutes=2.0),
+                      total=100)
+  now = [1000.0]
+  monkeypatch.setattr(loop.time, "time", lambda: now[0])
+  state.t_saved = 1000.0
+  assert not loop.checkpoint_due(setup, state, 2, logged=True)
+  now[0] += 121.0
+  assert not loop.checkpoint_due(setup, state, 3, logged=False)
+  assert loop.checkpoint_due(setup, state, 4, logged=True)
+  assert loop.checkpoint_due(setup, state, 100, logged=False)  # the end, always
+  ckpt = FakeCheckpointer()
+  loop.save(setup, ckpt, state, 4)
+  assert state.t_saved == now[0] and not loop.checkpoint_due(setup, state, 6, logged=True)
+
+
+def test_resume_without_checkpoint_says_so(tmp_path):
+  """Item 10: a restart that finds no checkpoint says it starts from step 0."""
+  setup, state = make(tmp_path)
+  said = []
+  setup.log = said.append
+  assert loop.resume(setup, FakeCheckpointer(), state) == 0
+  assert said == ["no checkpoint found in /ckpt, starting from step 0"]
+
+
+def test_workdir_lock_names_the_holder(tmp_path):
+  """Item 6: a second process (here: a second open file) cannot take the lock."""
+  fd = workdir.lock(tmp_path / "w")
+  try:
+    with pytest.raises(ConfigError, match=f"in use by process {os.getpid()}"):
+      workdir.lock(tmp_path / "w")
+  finally:
+    workdir.unlock(fd)
+  workdir.unlock(workdir.lock(tmp_path / "w"))  # released: free again
+
+
+def test_unusable_workdir_is_one_line(tmp_path, monkeypatch):
+  """Item 12: a work directory that is a file, or that cannot be written."""
+  (tmp_path / "f").write_text("")
+  with pytest.raises(ConfigError, match="is a file; pass another --workdir"):
+    workdir.lock(tmp_path / "f")
+  with pytest.raises(ConfigError, match="cannot write to work directory"):
+    workdir.lock(tmp_path / "f" / "sub")
+
+  def refuse(*a, **k):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(Path, "write_text", refuse)
+  with pytest.raises(ConfigError, match=r"cannot write to work directory .*\(Permission "
+                     r"denied\); pass a writable --workdir"):
+    workdir.lock(tmp_path / "ro")
+
+
+def test_signal_during_a_save_waits_for_it():
+  """Item 12: SIGTERM/Ctrl-C inside a checkpoint save is raised after the save."""
+  old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  signals.install()
+  try:
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+      with signals.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        done.append("saved")
+    assert done == ["saved"]
+    with signals.deferred(raise_after=False):  # the final save of a stopping run
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+
+
+def test_unreadable_data_file_is_named(tmp_path, monkeypatch):
+  """Item 12: a truncated data file ends in one line naming it and the fix."""
+  bad = tmp_path / "data.npz"
+  bad.write_bytes(b"PK\x03\x04 truncated")
+  monkeypatch.setattr(buildlib.problems, "make_task", lambda config: np.load(str(bad)))
+  with pytest.raises(ConfigError, match=f"cannot read {bad} .*truncated or corrupt: delete "
+                     "it and copy or download it again"):
+    buildlib.make_task(config())

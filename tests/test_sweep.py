@@ -4,8 +4,10 @@ resumable runs on the local pool, and the optional Ray backend."""
 import csv
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,39 @@ def test_ray_backend_local_cluster(tmp_path):
   summary = json.loads((d / "runs" / "rbp" / "default" / "seed0" / "summary.json").read_text())
   assert summary["status"] == "completed"
   assert "| rbp |" in (d / "results.md").read_text()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    state = Path(f"/proc/{pid}/status").read_text()
+  except OSError:
+    return False
+  return "\nState:\tZ" not in state  # a zombie has exited
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_children_die_with_a_killed_sweep(tmp_path):
+  """Issue 12 item 7: kill -9 of the sweep stops its runs (they save and exit)."""
+  d = tmp_path / "sweep"
+  proc = subprocess.Popen(SWEEP + ["--config", "toy:long", "--solvers", "lcp_di", "--seeds",
+                                   "0", "--workers", "1", "--sweepdir", str(d),
+                                   "--config.num_steps=400"], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  run_dir = d / "runs" / "lcp_di" / "default" / "seed0"
+  deadline, child = time.time() + 240, None
+  try:
+    while time.time() < deadline and child is None:
+      ckpts = list((run_dir / "checkpoints").glob("[0-9]*"))
+      text = (run_dir / ".lock").read_text().strip() if (run_dir / ".lock").exists() else ""
+      child = int(text) if text.isdigit() and ckpts else None
+      time.sleep(0.2)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert child is not None, "the run never started"
+  deadline = time.time() + 120
+  while _alive(child) and time.time() < deadline:
+    time.sleep(0.2)
+  assert not _alive(child), "the run outlived its sweep"
+  assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
