@@ -36,19 +36,19 @@ python -c "import skimage" 2>/dev/null || SYN_INR="--synthetic 4096"
 python -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$OUT/devices.txt"
 echo "data: ${BILEVEL_DATA_DIR:-none (synthetic timing inputs)}" | tee -a "$OUT/devices.txt"
 
-timeout 35 python benchmarks/speed_cifar.py --part micro --micro_batch 64 --micro_n 20 \
+timeout 35 python -m benchmarks.speed_cifar --part micro --micro_batch 64 --micro_n 20 \
   --out "$OUT/speed_cifar_micro.md" >> "$OUT/run.log" 2>&1
 echo "micro: exit $?" | tee -a "$OUT/devices.txt"
 
-timeout 80 python benchmarks/speed_cifar.py --part solvers --preset "" --no_variants \
+timeout 80 python -m benchmarks.speed_cifar --part solvers --preset "" --no_variants \
   --problems cifar10_ff --steps 3 $SYN --out "$OUT/speed_cifar_gpu_ff.md" >> "$OUT/run.log" 2>&1
 echo "ff: exit $?" | tee -a "$OUT/devices.txt"
 
-timeout 70 python benchmarks/speed_cifar.py --part solvers --preset "" --no_variants \
+timeout 70 python -m benchmarks.speed_cifar --part solvers --preset "" --no_variants \
   --problems cifar10_deq --steps 3 $SYN --out "$OUT/speed_cifar_gpu_deq.md" >> "$OUT/run.log" 2>&1
 echo "deq: exit $?" | tee -a "$OUT/devices.txt"
 
-timeout 40 python benchmarks/speed_cifar.py --part solvers --preset "" --no_variants \
+timeout 40 python -m benchmarks.speed_cifar --part solvers --preset "" --no_variants \
   --no_anderson --problems inr --steps 3 ${SYN_INR:-} --out "$OUT/speed_cifar_gpu_inr.md" \
   >> "$OUT/run.log" 2>&1
 echo "inr: exit $?" | tee -a "$OUT/devices.txt"

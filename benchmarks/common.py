@@ -2,13 +2,12 @@
 ``table3_omniglot.py``): the machine a table was made on, one ``launch/sweep.py``
 run per problem, the completed summaries of a sweep, mean +- std over seeds.
 
-A table script puts the repository root on ``sys.path`` and then does
-``from benchmarks import common``.
+Run the scripts as modules from the repository root (``python -m
+benchmarks.table1_mnist ...``) or with the package installed (``pip install -e .``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -19,9 +18,13 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import jax
+
+from launch import config as cfglib
+from launch import records
+from launch import sweeping as sweeplib
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
 
 
 # ----------------------------------------------------------------- the machine
@@ -37,7 +40,6 @@ def cpu_model() -> str:
 
 def machine_info() -> dict:
   """cpu_model, cores, jax_version, backend, platform and device_kind of device 0."""
-  import jax  # noqa: PLC0415
   device = jax.devices()[0]
   return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "jax_version": jax.__version__,
           "backend": jax.default_backend(), "platform": device.platform,
@@ -63,18 +65,10 @@ def machine_with_load() -> str:
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]], list[str]]:
   """``(['--config.K=V', ...], [(K, V), ...], other arguments)`` from a command line;
   both ``--config.K=V`` and ``--config.K V`` are understood."""
-  from bilevel import config as cfglib  # noqa: PLC0415
-  try:
-    pairs, rest = cfglib.parse_override_args(list(argv))
-  except cfglib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    raise SystemExit(2) from e
+  argv = cfglib.normalize_argv(argv)
+  pairs = cfglib.override_pairs(argv)
+  rest = [a for a in argv if not a.startswith(cfglib.PREFIX)]
   return [f"--config.{k}={v}" for k, v in pairs], pairs, rest
-
-
-def override_pairs(overrides: Iterable[str]) -> list[tuple[str, str]]:
-  """``['--config.K=V', ...]`` -> ``[(K, V), ...]``."""
-  return [tuple(o[len("--config."):].split("=", 1)) for o in overrides]
 
 
 # ----------------------------------------------------------------- sweeps
@@ -136,11 +130,7 @@ def summary_paths(sweepdir: Path, solver: str) -> list[Path]:
   return sorted(paths, key=lambda p: run_order(p.parent))
 
 
-def read_json(path: Path) -> dict:
-  try:
-    return json.loads(Path(path).read_text())
-  except (OSError, json.JSONDecodeError):
-    return {}
+read_json = records.read_json
 
 
 def completed_summaries(sweepdir: Path, solver: str) -> list[dict]:
@@ -164,25 +154,18 @@ def run_status(workdir: Path) -> tuple[str, str]:
   return status, s.get("reason") or ""
 
 
-def parse_seeds(text: str) -> list[int]:
-  """``'0,1,2'`` or ``'0-2'`` -> ``[0, 1, 2]`` (as ``launch/sweep.py`` reads them)."""
-  from bilevel import sweep as sweeplib  # noqa: PLC0415
-  return sweeplib._parse_seeds(text)  # noqa: SLF001 -- the very parser the sweep uses
+parse_seeds = sweeplib.parse_seeds  # the very parser the sweep uses
 
 
 def run_dirs(sweepdir: Path, solver: str, seeds: Iterable[int]) -> list[tuple[int, Path]]:
   """Where ``launch/sweep.py`` puts ``solver``'s runs (no grid) for ``seeds``."""
-  from bilevel import sweep as sweeplib  # noqa: PLC0415
   return [(r.seed, r.workdir) for r in sweeplib.expand([solver], list(seeds), [],
                                                        Path(sweepdir))]
 
 
 # ----------------------------------------------------------------- statistics
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and sample std (ddof 1; NaN for one value) of ``values`` (non-empty)."""
-  mean = statistics.mean(values)
-  return mean, (statistics.stdev(values) if len(values) > 1 else float("nan"))
+mean_std = records.mean_std  # sample std (ddof 1; NaN for one value)
 
 
 def format_mean_std(values: Sequence[float], digits: int = 2, empty: str = "--") -> str:

@@ -2,7 +2,7 @@
 """Figure 2 of the paper: training loss L and amount of control ||psi*|| = sqrt(2H)
 after training, against the width of an equilibrium RNN trained by LCP-DI on MNIST.
 
-    python benchmarks/figure2_width.py --widths 16,32,64,128,256,512,1024 --epochs 8
+    python -m benchmarks.figure2_width --widths 16,32,64,128,256,512,1024 --epochs 8
 
 trains ``mnist_rnn:<preset>`` with ``lcp_di`` at each width through
 ``launch/sweep.py`` (resumable) and plots, per width, the training
@@ -23,9 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import common
+from launch.records import atomic_savefig, atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
@@ -85,8 +86,6 @@ def main(argv=None) -> int:
   ax.set_title(f"MNIST RNN, LCP-DI, {args.epochs} epochs", fontsize=10)
   ax.legend()
   fig.tight_layout()
-  from benchmarks import common  # noqa: PLC0415
-  from bilevel.runner import atomic_savefig, atomic_write_text  # noqa: PLC0415
   atomic_savefig(fig, args.results, dpi=150)
 
   lines = ["# Figure 2: training loss and amount of control vs RNN width (LCP-DI)", "",
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
   for w, seed, ce, psi, tr, te, it in points:
     lines.append(f"| {w} | {seed} | {ce:.4f} | {psi:.4f} | {100 * tr:.2f} | {100 * te:.2f} "
                  f"| {it:.1f} |")
-  lines += ["", f"- command: `python benchmarks/figure2_width.py {' '.join(argv)}`",
+  lines += ["", f"- command: `python -m benchmarks.figure2_width {' '.join(argv)}`",
             f"- which ran: `python {' '.join(cmd[1:])}`",
             "- ‖ψ*‖ uses the authors' loss convention (CE / batch size per example, "
             "see configs/mnist_ff.py); L is the plain mean cross-entropy.",

@@ -6,27 +6,25 @@ differences of min_phi 1/2||f||^2 + L/alpha (Newton, float64) along the update
 and two random directions. Float64 throughout, so the numbers measure the
 solvers, not float32 rounding.
 
-    python benchmarks/gradient_errors.py   # writes benchmarks/results/gradient_errors.md
+    python -m benchmarks.gradient_errors   # writes benchmarks/results/gradient_errors.md
 """
 
 import os
 import pathlib
 import platform
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import numpy as np  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
+import numpy as np
+from jax.flatten_util import ravel_pytree
 
-import solvers  # noqa: E402
-import zoo  # noqa: E402
+import solvers
+from tests import zoo
 
 FREE = {"strategy": "anderson", "strategy_options": {"dt": 0.3}, "rtol": 1e-12,
         "max_steps": 5000}
@@ -86,7 +84,7 @@ def main():
   lines = [
       "# Gradient errors against exact answers",
       "",
-      "Command: `python benchmarks/gradient_errors.py`  ",
+      "Command: `python -m benchmarks.gradient_errors`  ",
       f"Machine: {platform.machine()} CPU ({os.cpu_count()} cores), jax {jax.__version__}, "
       "CPU backend.",
       "",

@@ -25,7 +25,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 python -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$OUT/devices.txt"
 
-timeout 130 python benchmarks/speed_omniglot.py --parts inner,meta --scale paper \
+timeout 130 python -m benchmarks.speed_omniglot --parts inner,meta --scale paper \
   --solvers lcp,cml,imaml,fomaml --steps 50 --reps 2 \
   --out "$OUT/speed_omniglot_gpu.md" > "$OUT/speed.log" 2>&1
 echo "speed: exit $?" | tee -a "$OUT/devices.txt"
@@ -46,7 +46,7 @@ for solver in lcp cml; do
     cp "$OUT/runs/$solver/summary.json" "$OUT/sweep/runs/$solver/default/seed0/"
   fi
 done
-timeout 60 python benchmarks/table3_omniglot.py --config omniglot --report_only \
+timeout 60 python -m benchmarks.table3_omniglot --config omniglot --report_only \
   --no_init_row --solvers lcp,cml --sweepdir "$OUT/sweep" \
   --config.num_steps=$STEPS --out "$OUT/table3_gpu.md" > "$OUT/table3.log" 2>&1
 rm -rf "$OUT/runs"/*/checkpoints

@@ -15,8 +15,8 @@ Part 2 (solvers): the quick presets of ``cifar10_ff``, ``cifar10_deq`` and
 scikit-image), one jitted training step per solver; median wall time over
 ``--steps`` steps after a compile step, mean fixed-point iterations.
 
-    BILEVEL_DATA_DIR=/work/shared/data python benchmarks/speed_cifar.py
-    python benchmarks/speed_cifar.py --part micro     # no data needed
+    BILEVEL_DATA_DIR=/work/shared/data python -m benchmarks.speed_cifar
+    python -m benchmarks.speed_cifar --part micro     # no data needed
 """
 
 from __future__ import annotations
@@ -29,15 +29,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from benchmarks import common  # noqa: E402
-from problems import cifar, layers  # noqa: E402
+import problems
+
+from benchmarks import common
+from bilevel.train import data_mesh, init_train_state, make_train_step
+from launch import config as cfglib
+from launch.optim import make_optimizer
+from launch.records import atomic_write_text
+from problems import cifar, inr, layers
 
 DN = layers.DN
 
@@ -128,7 +133,6 @@ def use_synthetic_data(n_train: int) -> None:
   """TIMING ONLY: replaces the CIFAR-10 files and the INR image by random
   arrays of the same shapes (for a machine without the data). Never used for
   accuracy numbers; the rows say so."""
-  from problems import inr  # noqa: PLC0415
   rng = np.random.default_rng(0)
 
   def load_split(config, split):
@@ -142,11 +146,6 @@ def use_synthetic_data(n_train: int) -> None:
 
 def solver_rows(names: list[str], steps: int, anderson: bool, preset: str = "quick",
                 variants: bool = True) -> list[str]:
-  import optax  # noqa: PLC0415
-  import problems  # noqa: PLC0415
-  from bilevel import config as cfglib  # noqa: PLC0415
-  from bilevel.optim import make_optimizer  # noqa: PLC0415
-  from bilevel.train import data_mesh, init_train_state, make_train_step  # noqa: PLC0415
 
   rows = []
   presets = [preset] + ([f"{preset}+anderson" if preset else "anderson"] if anderson else [])
@@ -214,7 +213,7 @@ def main(argv=None) -> int:
   p.add_argument("--micro_n", type=int, default=20)
   p.add_argument("--out", default=str(ROOT / "benchmarks/results/speed_cifar.md"))
   args = p.parse_args(argv)
-  command = "python benchmarks/speed_cifar.py " + " ".join(argv or sys.argv[1:])
+  command = "python -m benchmarks.speed_cifar " + " ".join(argv or sys.argv[1:])
   header = [f"Machine: {common.machine_with_load()}.", ""]
   out = []
   if args.part in ("all", "micro"):
@@ -235,7 +234,6 @@ def main(argv=None) -> int:
   title = ["# Speed of the conv / DEQ / INR problems: convolutions in loops, s/step, iterations",
            ""]
   text = "\n".join(title + [f"Command: `{command.strip()}`", ""] + header + out + footer) + "\n"
-  from bilevel.runner import atomic_write_text  # noqa: PLC0415
   atomic_write_text(args.out, text)
   print(f"wrote {args.out}")
   return 0

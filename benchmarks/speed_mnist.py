@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Per-step cost of every solver on the MNIST equilibrium networks (batch 64, real MNIST).
 
-    python benchmarks/speed_mnist.py                # both nets, presets paper + fast
-    python benchmarks/speed_mnist.py --nets rnn --presets fast --steps 50
+    python -m benchmarks.speed_mnist                # both nets, presets paper + fast
+    python -m benchmarks.speed_mnist --nets rnn --presets fast --steps 50
 
 For each (network, preset, solver): build the config exactly as
 ``launch/run.py --config mnist_<net>[:<preset>] --config.solver=<solver>`` does,
@@ -27,11 +27,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
+
+import problems
+from bilevel.train import data_mesh, init_train_state, make_train_step
+from launch import config as cfglib
+from launch import optim
+from launch.records import atomic_write_text
 
 SOLVERS = {"ff": ("bp", "rbp", "lcp_di", "lcp_kp", "lcp_ebd", "lcp_lf"),
            "rnn": ("rbp", "lcp_di", "lcp_kp", "lcp_ebd", "lcp_lf")}
@@ -45,10 +49,6 @@ LCP = ("lcp_di", "lcp_kp", "lcp_ebd", "lcp_lf")
 
 
 def setup(net: str, preset: str, solver_name: str):
-  from bilevel import config as cfglib
-  from bilevel import optim
-  from bilevel.train import data_mesh, init_train_state, make_train_step
-  import problems
 
   spec = f"mnist_{net}" + ("" if preset == "paper" else f":{preset}")
   config = cfglib.load(spec, [("solver", solver_name),
@@ -123,7 +123,6 @@ def main(argv=None) -> int:
       print(net, key, rows[(net,) + key], flush=True)
 
   text = report(rows, args, argv)
-  from bilevel.runner import atomic_write_text  # noqa: PLC0415
   atomic_write_text(args.results, text)
   print(text)
   return 0
@@ -161,7 +160,7 @@ def report(rows: dict, args, argv) -> str:
                    f"({_ms(di['wall'])} vs {_ms(rbp['wall'])})")
   loads = [r["load"] for r in rows.values()]
   lines += ["", "## How it ran", "",
-            f"- command: `python benchmarks/speed_mnist.py {' '.join(argv or sys.argv[1:])}`",
+            f"- command: `python -m benchmarks.speed_mnist {' '.join(argv or sys.argv[1:])}`",
             f"- {args.warmup_steps} warm-up training steps, then {rows and next(iter(rows.values()))['n']} "
             f"timed steps per row in {args.rounds} interleaved rounds",
             f"- machine: {os.cpu_count()}-core CPU ({model}), jax {jax.__version__} "

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Speed and memory of the Omniglot complex-synapse solvers -> benchmarks/results/speed_omniglot.md.
 
-    python benchmarks/speed_omniglot.py                 # all three parts, CPU-sized
-    python benchmarks/speed_omniglot.py --parts inner   # just the inner-step table
-    python benchmarks/speed_omniglot.py --scale paper --out $OUT/speed_omniglot.md  # accelerator
+    python -m benchmarks.speed_omniglot                 # all three parts, CPU-sized
+    python -m benchmarks.speed_omniglot --parts inner   # just the inner-step table
+    python -m benchmarks.speed_omniglot --scale paper --out $OUT/speed_omniglot.md  # accelerator
 
 Three parts:
 
@@ -34,21 +34,19 @@ import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
 
-import problems  # noqa: E402
-from benchmarks import common  # noqa: E402
-import solvers  # noqa: E402
-from bilevel import config as cfglib  # noqa: E402
-from bilevel.relaxation import relaxation_from_config  # noqa: E402
-from bilevel.train import data_mesh, init_train_state, make_train_step, replicate_on  # noqa: E402
-from configs import omniglot as omniglot_config  # noqa: E402
+import problems
+import solvers
+from benchmarks import common
+from launch import config as cfglib
+from bilevel.relaxation import relaxation_from_config
+from bilevel.train import data_mesh, init_train_state, make_train_step, replicate_on
+from configs import omniglot as omniglot_config
+from launch.records import atomic_write_text
 
 ALL_SOLVERS = ("lcp", "cml", "imaml", "rbp", "t1t2", "fomaml", "reptile", "bp")
 
@@ -203,7 +201,7 @@ def main(argv=None) -> int:
   parts = args.parts.split(",")
   names = args.solvers.split(",")
   out = ["# Omniglot complex-synapse solvers: speed and memory", "",
-         f"Command: `python benchmarks/speed_omniglot.py {' '.join(argv or sys.argv[1:])}`",
+         f"Command: `python -m benchmarks.speed_omniglot {' '.join(argv or sys.argv[1:])}`",
          "", f"Machine: {common.machine_with_load()}", ""]
   if "inner" in parts:
     out += ["## Inner step (free relaxation, conv-4 64 channels, 20 support images 28x28)", ""]
@@ -216,7 +214,6 @@ def main(argv=None) -> int:
             f"`{args.scale}`; nudged phases k/2, controlled / adjoint k)", ""]
     out += memory_table(args.scale, names, ks) + [""]
   out += [f"Finished with load average {os.getloadavg()[0]:.1f}.", ""]
-  from bilevel.runner import atomic_write_text  # noqa: PLC0415
   atomic_write_text(args.out, "\n".join(out) + "\n")
   print(f"wrote {args.out}")
   return 0

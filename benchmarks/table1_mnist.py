@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Table 1 of the paper: MNIST test accuracy of every learning circuit, FF and RNN.
 
-    python benchmarks/table1_mnist.py --preset fast --seeds 0,1,2 --workers 2
+    python -m benchmarks.table1_mnist --preset fast --seeds 0,1,2 --workers 2
 
 trains the 5 methods x {FF, RNN} with ``launch/sweep.py`` (one sweep per
 network; resumable: re-running the command finishes or extends what is there)
@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from launch.records import atomic_write_text
 
 METHODS = (("LCP - LF", "lcp_lf", "lcp_lf"), ("LCP - DI", "lcp_di", "lcp_di"),
            ("LCP - DI (KP)", "lcp_kp", "lcp_kp"), ("LCP - EBD", "lcp_ebd", "lcp_ebd"),
@@ -117,7 +116,7 @@ def report(args, commands: list[str], overrides: list[str]) -> str:
                       f"{common.median_or_nan(x['seconds_per_step'] for x in summaries):.4f} |")
   m = common.machine_info()
   lines += detail + ["", "## How it ran", "",
-                     f"- this file: `python benchmarks/table1_mnist.py {' '.join(sys.argv[1:])}`",
+                     f"- this file: `python -m benchmarks.table1_mnist {' '.join(sys.argv[1:])}`",
                      "- the sweeps behind it (resumable; re-run to finish missing seeds):"] + [
                      f"  - `{c}`" for c in commands] + [
       f"- machine: {m['cores']}-core CPU ({m['cpu_model']}), shared with other jobs; "
@@ -144,7 +143,6 @@ def main(argv=None) -> int:
   args = p.parse_args(rest)
   commands = run_sweeps(args, overrides)
   text = report(args, commands, overrides)
-  from bilevel.runner import atomic_write_text  # noqa: PLC0415
   atomic_write_text(args.results, text)
   print(text)
   return 0

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Table 2 of the paper: CIFAR-10 (feedforward conv net, DEQ) and INR, every method.
 
-    python benchmarks/table2_cifar_inr.py                              # quick preset (CPU)
-    python benchmarks/table2_cifar_inr.py --preset paper --seeds 0,1,2 # paper scale (accelerator)
-    python benchmarks/table2_cifar_inr.py --report_only                # re-tabulate finished runs
+    python -m benchmarks.table2_cifar_inr                              # quick preset (CPU)
+    python -m benchmarks.table2_cifar_inr --preset paper --seeds 0,1,2 # paper scale (accelerator)
+    python -m benchmarks.table2_cifar_inr --report_only                # re-tabulate finished runs
 
 trains, with one ``launch/sweep.py`` per problem (resumable: re-running the
 command finishes or extends what is there),
@@ -37,11 +37,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+from benchmarks import common
+from launch import config as cfglib
+from launch.records import atomic_write_text
+from problems.datasets import cifar10
 
-from benchmarks import common  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +86,6 @@ def applicable(problem: Problem, preset: str,
 
 @functools.lru_cache(maxsize=None)
 def _accepts(spec: str, pair: tuple[str, str]) -> bool:
-  from bilevel import config as cfglib  # noqa: PLC0415
   try:
     cfglib.load(spec, [pair])
   except cfglib.ConfigError:
@@ -100,7 +101,6 @@ def sweepdir(out: Path, problem: Problem, preset: str,
              pairs: Sequence[tuple[str, str]] = ()) -> Path:
   """``<out>/<config>_<preset>[_<hash of the overrides it accepts>]``: runs with other
   overrides never land in (and are never skipped as done by) the same sweep."""
-  from bilevel import config as cfglib  # noqa: PLC0415
   tag = cfglib.fingerprint(applicable(problem, preset, pairs))
   return Path(out) / (f"{problem.config}_{preset or 'paper'}" + (f"_{tag}" if tag else ""))
 
@@ -177,7 +177,6 @@ def cifar_source_now(c) -> str:
   if not where:
     return "no data: neither data_dir nor $BILEVEL_DATA_DIR is set (the runs would fail)"
   root = Path(where).expanduser()
-  from problems.datasets import cifar10  # noqa: PLC0415
   if cifar10.pickle_dir(root) is not None:  # the loader's own test
     return f"the lossless python batches under {root}"
   if (root / "cifar10_jpeg_train.npz").is_file():
@@ -244,7 +243,6 @@ def report(out: Path, preset: str, seeds: str, chosen: list[tuple[Problem, list[
            overrides: Sequence[str], pairs, commands: Sequence[str],
            this_command: str, machine: Optional[str] = None) -> str:
   """The markdown of Table 2 from the summaries under ``out``."""
-  from bilevel import config as cfglib  # noqa: PLC0415
   found = collect(out, preset, pairs)
   accepted = {p.key: applicable(p, preset, pairs) for p in PROBLEMS}
   configs = {p.key: cfglib.load(config_spec(p, preset), accepted[p.key]) for p in PROBLEMS}
@@ -375,7 +373,6 @@ def report(out: Path, preset: str, seeds: str, chosen: list[tuple[Problem, list[
 
 def _check(args, pairs, chosen) -> str:
   """What is wrong with the command line ('' if nothing), before anything runs."""
-  from bilevel import config as cfglib  # noqa: PLC0415
   if not chosen:
     return (f"nothing to do: none of --solvers {args.solvers} is trained on --problems "
             f"{args.problems}")
@@ -416,8 +413,7 @@ def main(argv=None) -> int:
     p.error(problem)
   commands = run_sweeps(args, pairs)
   text = report(args.out, args.preset, args.seeds, chosen, overrides, pairs, commands,
-                shlex.join(["python", "benchmarks/table2_cifar_inr.py", *argv]))
-  from bilevel.runner import atomic_write_text  # noqa: PLC0415
+                shlex.join(["python", "-m", "benchmarks.table2_cifar_inr", *argv]))
   atomic_write_text(args.results, text)
   print(text)
   print(f"wrote {args.results}")

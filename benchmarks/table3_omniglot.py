@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Table 3 (Omniglot 20-way 1-shot, complex synapses) -> benchmarks/results/table3_omniglot.md.
 
-    python benchmarks/table3_omniglot.py                       # quick preset, all solvers (CPU)
-    python benchmarks/table3_omniglot.py --config omniglot --seeds 0,1,2   # paper scale (GPU)
-    python benchmarks/table3_omniglot.py --report_only          # re-tabulate finished runs
+    python -m benchmarks.table3_omniglot                       # quick preset, all solvers (CPU)
+    python -m benchmarks.table3_omniglot --config omniglot --seeds 0,1,2   # paper scale (GPU)
+    python -m benchmarks.table3_omniglot --report_only          # re-tabulate finished runs
 
 Runs every solver through ``launch/sweep.py`` (one ``launch/run.py`` per solver
 and seed, resumable), then tabulates the meta-test accuracy (mean over seeds of
@@ -22,12 +22,15 @@ import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
 
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from benchmarks import common  # noqa: E402
+import problems
+from launch import config as cfglib
+from launch.records import atomic_write_text
+
+from benchmarks import common
 
 # Table 3 of the paper: mean +- std test accuracy (%) over 3 seeds, 20-way 1-shot.
 PAPER = {"fomaml": ("FOMAML", "89.40 ± 0.50"), "t1t2": ("T1-T2", "89.72 ± 0.43"),
@@ -41,9 +44,6 @@ ORDER = ("fomaml", "t1t2", "reptile", "lcp", "imaml", "cml", "rbp", "bp")
 
 def _init_row(config_spec: str, pairs: list[tuple[str, str]]) -> dict:
   """Meta-test accuracy of the untrained initial weights (seed 0)."""
-  import jax  # noqa: PLC0415
-  import problems  # noqa: PLC0415
-  from bilevel import config as cfglib  # noqa: PLC0415
   config = cfglib.load(config_spec, pairs)
   config.solver = "fomaml"  # same free relaxation (inner loop) for every solver
   task = problems.make_task(config)
@@ -78,13 +78,12 @@ def main(argv=None) -> int:
   common.run_sweep(args.config, solvers, args.seeds, args.sweepdir, overrides, args.workers,
                    metric="eval/test_accuracy", execute=not args.report_only)
 
-  from bilevel import config as cfglib  # noqa: PLC0415
   config = cfglib.load(args.config, pairs)
   o = config.problem_options
   free = config.solvers.lcp.free
   lines = [
       "# Table 3: meta-learning complex synapses on Omniglot", "",
-      f"Command: `python benchmarks/table3_omniglot.py --config {args.config} --seeds "
+      f"Command: `python -m benchmarks.table3_omniglot --config {args.config} --seeds "
       f"{args.seeds} --solvers {args.solvers}"
       f"{' --report_only' if args.report_only else ''}{' --no_init_row' if args.no_init_row else ''}"
       f"{''.join(' ' + x for x in overrides)}{' --note ...' * len(args.note)}` "
@@ -137,7 +136,6 @@ def main(argv=None) -> int:
             "averaged over seeds. The inner loop runs a fixed budget; its final residual "
             "‖f‖ = ‖∇E‖ is reported so that non-converged tasks are visible.",
             ""] + [n + "\n" for n in args.note] + [f"Generated in {time.time() - t0:.0f} s."]
-  from bilevel.runner import atomic_write_text  # noqa: PLC0415
   atomic_write_text(args.out, "\n".join(lines) + "\n")
   print("\n".join(lines))
   print(f"wrote {args.out}")

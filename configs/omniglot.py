@@ -70,6 +70,9 @@ def _solvers(lr: float, free_steps: int, phase_steps: int, lam: float, rtol: flo
 def get_config(preset=None):
   c = base_config(batch_size=16, num_epochs=30, log_every_steps=25, eval_every_epochs=10,
                   checkpoint_every_steps=125)
+  # Budget-limited relaxations by design (ReLU chatter / a fixed inner-loop budget):
+  # non-convergence is expected, not a divergence.
+  c.max_nonconverged_fraction = 1.0
   c.problem = "omniglot"
   lam = 0.5
   c.problem_options = ml_collections.ConfigDict(dict(

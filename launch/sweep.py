@@ -4,19 +4,18 @@
 
 Runs each grid point as a ``launch/run.py`` process (parallel, resumable: re-run the
 same command to finish or extend a sweep) and writes results.csv, results.md (mean ±
-std over seeds) and comparison.png into the sweep directory. See bilevel/sweep.py.
+std over seeds) and comparison.png into the sweep directory. See launch/sweeping.py.
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-  sys.path.insert(0, str(_ROOT))
+_HERE = Path(__file__).resolve().parent
+# Run from a checkout without `pip install -e .`: the repository root, not launch/, on the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-from bilevel import sweep  # noqa: E402
+from launch import sweeping  # noqa: E402
 
 if __name__ == "__main__":
-  sys.exit(sweep.main())
+  sys.exit(sweeping.main())

@@ -40,7 +40,7 @@ def test_table2_report_from_fake_summaries(tmp_path, monkeypatch):
   _fake_run(t2.sweepdir(tmp_path, ff, "quick"), "bp", 1, 0.60)
   chosen = t2.selection("ff,deq,inr", "")
   text = t2.report(tmp_path, "quick", "0,1", chosen, [], [], ["python launch/sweep.py ..."],
-                   "python benchmarks/table2_cifar_inr.py", machine="test machine")
+                   "python -m benchmarks.table2_cifar_inr", machine="test machine")
   rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
           if line.startswith("| ") and " / " in line}
   # mean 55.00, std over the 2 seeds (ddof 1) = 7.07; marked as made on the lossy copy

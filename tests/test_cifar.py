@@ -281,7 +281,7 @@ def test_deq_rejects_bad_groups_and_pooling():
 # ----------------------------------------------------------------- data and tasks
 
 def _config(name, data_dir, preset="quick"):
-  from bilevel import config as cfglib
+  from launch import config as cfglib
   config = cfglib.load(f"{name}:{preset}")
   config.data_dir = str(data_dir)
   return config
@@ -322,7 +322,7 @@ def test_task_from_standard_files_trains_and_evaluates(tmp_path, name):
   else:
     config.problem_options.update(dict(channels=4, inner_channels=4, groups=2))
   import problems
-  from bilevel import config as cfglib
+  from launch import config as cfglib
   from bilevel.train import init_train_state, make_train_step, data_mesh
   import optax
   task = problems.make_task(config)
@@ -347,7 +347,7 @@ def test_task_from_standard_files_trains_and_evaluates(tmp_path, name):
 @pytest.mark.parametrize("name", ["cifar10_ff", "cifar10_deq"])
 @pytest.mark.parametrize("preset", [None, "quick", "anderson", "quick+anderson"])
 def test_configs_validate_with_every_listed_solver(name, preset):
-  from bilevel import config as cfglib
+  from launch import config as cfglib
   config = cfglib.load(name + (f":{preset}" if preset else ""))
   for solver_name in config.solvers.keys():
     config.solver = solver_name

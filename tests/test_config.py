@@ -1,5 +1,7 @@
-"""Config loading, overrides and validation (bilevel/config.py), optimizer (bilevel/optim.py)."""
+"""Config loading, overrides (config_flags) and validation (launch/config.py,
+launch/schema.py), the golden dump of every config, the optimizer (launch/optim.py)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bilevel import config as cfglib
-from bilevel import optim
+from configs import base
+from launch import config as cfglib
+from launch import optim
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,18 +76,51 @@ def test_override_adds_nested_solver_options():
   assert cfglib.build_solver(c).adjoint.max_steps == 200
 
 
-def test_parse_override_args_both_syntaxes():
-  pairs, rest = cfglib.parse_override_args(
-      ["--config", "toy", "--config.seed=3", "--config.batch_size", "8", "--workdir", "w"])
-  assert pairs == [("seed", "3"), ("batch_size", "8")]
-  assert rest == ["--config", "toy", "--workdir", "w"]
+def test_both_override_syntaxes_and_any_order():
+  argv = cfglib.normalize_argv(["--config.seed=3", "--config", "toy", "--config.batch_size",
+                                "8", "--config.optimizer.nesterov", "true", "--workdir", "w"])
+  assert cfglib.override_pairs(argv) == [("seed", "3"), ("batch_size", "8"),
+                                         ("optimizer.nesterov", "true")]
+  c = cfglib.parse_flags([a for a in argv if a not in ("--workdir", "w")])[0]
+  assert (c.seed, c.batch_size, c.optimizer.nesterov) == (3, 8, True)
+
+
+# Issue 12 added these keys (default) after the golden dump was made ...
+ADDED = {"checkpoint_every_minutes": 5.0, "max_loss_growth": 1000.0,
+         "on_invalid_examples": "drop"}
+# ... and turned the non-convergence stop on by default (configs whose relaxations
+# run a fixed budget by design keep 1.0, i.e. their values are unchanged).
+REDEFAULTED = {"max_nonconverged_fraction": (1.0, 0.5)}
+BUDGET_LIMITED = ("cifar10_ff", "cifar10_deq", "inr", "omniglot")
+
+
+def test_every_config_and_preset_resolves_as_before():
+  """Golden dump (made before the redesign): every config and preset resolves to
+  exactly the same values, up to the keys issue 12 added or re-defaulted."""
+  golden = json.loads((ROOT / "tests" / "data" / "config_dump.json").read_text())
+  for spec, want in golden.items():
+    got = json.loads(json.dumps(cfglib.to_dict(cfglib.load(spec)), default=repr))
+    for key, default in ADDED.items():
+      assert got.pop(key) == default, (spec, key)
+    for key, (old, new) in REDEFAULTED.items():
+      expect = old if spec.split(":")[0] in BUDGET_LIMITED else new
+      assert want[key] == old and got[key] == expect, (spec, key)
+      got[key] = old
+    assert got == want, spec
+
+
+def test_schema_defaults_come_from_configs_base():
+  filled = cfglib.optimizer_config(cfglib.load("toy"))
+  assert filled["decay_factor"] == base.optimizer_config().decay_factor == 0.5
+  assert set(filled) == set(base.OPTIMIZER_SCHEMA)
+  assert set(base.base_config().keys()) == set(base.SCHEMA)
 
 
 @pytest.mark.parametrize("pair, expect", [
     (("solverz", "1"), "unknown config key 'config.solverz'; valid keys: config.batch_size"),
     (("optimizer.lr", "1"), "unknown config key 'config.optimizer.lr'; valid keys:"),
     (("problem_options.n_hiden", "3"), "unknown config key 'config.problem_options.n_hiden'"),
-    (("batch_size", "abc"), "bad value for config.batch_size: 'abc' is not an integer"),
+    (("batch_size", "abc"), "bad value for config.batch_size: invalid literal for int"),
     (("batch_size", "0"), "config.batch_size = 0 is out of range; it must be > 0"),
     (("seed", "-1"), "config.seed = -1 is out of range"),
     (("optimizer.learning_rate", "-1e-3"), "learning_rate = -0.001 is out of range"),
@@ -97,8 +133,8 @@ def test_parse_override_args_both_syntaxes():
     (("solvers.lcp_di.alpah", "1"), "solver 'lcp_di' has no option"),
     (("solvers.lcp_di.controlled.max_stepz", "1"), "unknown relaxation option"),
     (("solvers.lcp_di.controlled.strategy", "rk4"), "unknown fixed-point strategy 'rk4'"),
-    (("solvers.lcp_di", "3"), "is a group of options"),
-    (("optimizer.learning_rate", "nan"), "is not a number"),
+    (("solvers.lcp_di", "3"), "bad value for config.solvers.lcp_di: .* is not a dict"),
+    (("optimizer.learning_rate", "nan"), "learning_rate = nan is out of range"),
 ])
 def test_invalid_configs_give_one_clear_line(pair, expect):
   with pytest.raises(cfglib.ConfigError, match=expect) as info:
@@ -119,6 +155,7 @@ def test_validate_catches_missing_and_extra_keys():
     cfglib.validate(c)
 
 
+@pytest.mark.slow
 def test_cli_bad_key_exits_2_with_one_line():
   out = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--config", "toy",
                         "--config.solverz=lcp"], capture_output=True, text=True, cwd=ROOT)
@@ -131,7 +168,7 @@ def test_cli_bad_key_exits_2_with_one_line():
 # ----- optimizer ---------------------------------------------------------------------
 
 def _opt_cfg(**kw):
-  cfg = {k: spec[3] for k, spec in cfglib.OPTIMIZER.items()}
+  cfg = dict(cfglib.to_dict(base.optimizer_config()), **base.OPTIONAL_OPTIMIZER)
   cfg.update(name="sgd", learning_rate=1.0)
   cfg.update(kw)
   return cfg
@@ -180,3 +217,62 @@ def test_polyak_and_ema_averages():
   for x in (2.0, 6.0, 3.0):
     expect = 0.5 * expect + 0.5 * x
   assert float(avg.params) == pytest.approx(expect)
+
+
+# ----- issue 12, items 11 and 13: found at config time ------------------------------------
+
+@pytest.mark.parametrize("spec, pair, expect", [
+    ("mnist_ff", ("solver", "cml"), "solver 'cml' needs an inner energy"),
+    ("mnist_ff", ("solver", "reptile"), "solver 'reptile' needs a state that is a copy"),
+    ("omniglot", ("solver", "lcp_lf"), "solver 'lcp_lf' needs the feedback hooks"),
+    ("toy", ("solvers.rbp.adjoint_method", "cg"), None),  # solver is lcp_di: fine
+    ("toy:quick", ("solvers.lcp_di.alpha", "0"), "alpha = 0: pure integral control"),
+    ("toy:quick", ("solvers.lcp_di.controlled.max_steps", "0"), "max_steps = 0 runs no "
+     "iteration"),
+])
+def test_solver_problem_mismatch_and_meaningless_values_are_config_errors(spec, pair, expect):
+  if expect is None:
+    load(pair, spec=spec)
+    return
+  with pytest.raises(cfglib.ConfigError, match=expect) as info:
+    load(pair, spec=spec)
+  assert "\n" not in str(info.value)
+
+
+def test_mismatch_found_by_print_config_and_sweep_dry_run(tmp_path, capsys):
+  """Item 11: one line, exit 2, nothing written -- also for --print_config and
+  sweep --dry_run."""
+  from launch import cli, sweeping
+  wd = tmp_path / "run"
+  assert cli.main(["--config", "mnist_ff", "--config.solver=cml", "--workdir", str(wd)]) == 2
+  assert cli.main(["--config", "mnist_ff", "--config.solver=cml", "--print_config"]) == 2
+  assert sweeping.main(["--config", "mnist_ff", "--solvers", "cml", "--dry_run",
+                        "--sweepdir", str(tmp_path / "sweep")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and all("needs an inner energy" in line for line in err)
+  assert not wd.exists() and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow  # builds the MNIST and Omniglot tasks
+def test_declared_capabilities_are_the_real_ones():
+  """launch/schema.py's PROBLEM_OFFERS / SOLVER_NEEDS against solver.init on the real
+  problems (every registered solver on a small instance of each kind of problem)."""
+  import jax
+  import problems
+  import solvers
+  from launch import schema
+  assert set(schema.PROBLEM_OFFERS) == set(problems.REGISTRY)
+  assert set(schema.SOLVER_NEEDS) <= set(solvers.REGISTRY)
+  for spec in ("toy", "mnist_ff:quick", "omniglot:test"):
+    config = load(spec=spec)
+    task = problems.make_task(config)
+    params = task.problem.init_params(jax.random.key(0), task.example)
+    offers = schema.PROBLEM_OFFERS[config.problem]
+    for name in solvers.REGISTRY:
+      declared = not schema.SOLVER_NEEDS.get(name, set()) - offers
+      try:
+        solvers.get_solver(name).init(task.problem, params, jax.random.key(0))
+        works = True
+      except ValueError:
+        works = False
+      assert declared == works, (spec, name)

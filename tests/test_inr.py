@@ -123,7 +123,7 @@ def test_grid_and_psnr():
 
 
 def test_task_trains_and_evaluates(tmp_path):
-  from bilevel import config as cfglib
+  from launch import config as cfglib
   from bilevel.train import data_mesh, init_train_state, make_train_step
   import optax
   import problems
@@ -155,7 +155,7 @@ def test_task_trains_and_evaluates(tmp_path):
 
 @pytest.mark.parametrize("preset", [None, "quick", "anderson", "quick+anderson"])
 def test_config_validates_with_every_listed_solver(preset):
-  from bilevel import config as cfglib
+  from launch import config as cfglib
   config = cfglib.load("inr" + (f":{preset}" if preset else ""))
   for name in config.solvers.keys():
     config.solver = name

@@ -19,7 +19,7 @@ import pytest
 
 import problems
 import solvers
-from bilevel import config as cfglib
+from launch import config as cfglib
 from problems.models import mnist
 from zoo import augmented_energy_value, exact_implicit_gradient
 

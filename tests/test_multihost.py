@@ -3,7 +3,7 @@ localhost (CPU collectives, one device each) train exactly like one process with
 2 devices.
 
 Each process runs ``launch/run.py --coordinator localhost:PORT --num_processes 2
---process_id I``; the runner builds a global 2-device mesh, each process feeds
+--process_id I``; the training loop builds a global 2-device mesh, each process feeds
 only its own half of every batch (batches are pure functions of (seed, step)),
 gradients are averaged across processes by the same ``pmean`` as across local
 devices, orbax writes one checkpoint collectively, and process 0 writes the
@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bilevel.checkpoint import load_params
+from launch.checkpoint import load_params
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(ROOT / "launch" / "run.py")]

@@ -16,7 +16,7 @@ from jax.flatten_util import ravel_pytree
 
 import problems
 import solvers
-from bilevel import config as cfglib
+from launch import config as cfglib
 from bilevel.train import data_mesh, init_train_state, make_train_step, replicate_on
 from configs import omniglot as omniglot_config
 from problems import convnet

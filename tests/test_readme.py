@@ -23,3 +23,11 @@ def test_example_trains_with_two_solvers(capsys):
     before, after = map(float, re.findall(r"loss ([\d.]+) -> ([\d.]+)", line)[0])
     assert after < 0.1 * before, line
     assert line.endswith("True"), line
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+  readme = (ROOT / "README.md").read_text()
+  command = re.search(r"Tests:\n\n```bash\n(.*?)\n```", readme, re.S).group(1).strip()
+  ci = (ROOT / ".ci" / "run").read_text().splitlines()
+  assert command in ci and "-m \"slow or not slow\"" in command
+  assert any(line.startswith("python3 -m venv") for line in ci)

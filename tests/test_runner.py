@@ -1,4 +1,7 @@
-"""The training loop (bilevel/runner.py) and checkpoints (bilevel/checkpoint.py) on the toy config.
+"""The training loop (launch/loop.py) and checkpoints (launch/checkpoint.py) on the toy config.
+
+Fast tier: one short run shared by a few tests (the loop's policies are unit-tested
+without training in tests/test_loop.py); the other end-to-end runs are in the slow tier.
 
 Includes the fault test: a run killed with SIGKILL mid-way and resumed ends with
 exactly the parameters of an uninterrupted run.
@@ -15,9 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from bilevel import config as cfglib
-from bilevel import runner
-from bilevel.checkpoint import load_params
+from launch import config as cfglib
+from launch import loop
+from launch import records as recordslib
+from launch.checkpoint import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(ROOT / "launch" / "run.py")]
@@ -56,7 +60,7 @@ def quiet(_msg):
 
 
 def run(config, workdir, log=quiet):
-  return runner.run(config, workdir, config_name="toy_quick", progress=False, log=log)
+  return loop.run(config, workdir, config_name="toy_quick", progress=False, log=log)
 
 
 def assert_same_params(a_dir, b_dir, which=("params", "solver_params")):
@@ -98,7 +102,7 @@ def test_workdir_contents(finished):
   assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [4, 8]
   config = json.loads((wd / "config.json").read_text())["config"]
   assert config["solver"] == "lcp_di" and config["num_steps"] == 8
-  records = runner.read_jsonl(wd / "metrics.jsonl")
+  records = recordslib.read_jsonl(wd / "metrics.jsonl")
   train = [r for r in records if r["split"] == "train"]
   evals = [r for r in records if r["split"] == "eval"]
   assert [r["step"] for r in train] == [4, 8]
@@ -112,7 +116,7 @@ def test_workdir_contents(finished):
     assert key in on_disk, key
   assert on_disk["eval"]["loss"] == evals[0]["loss"]
   assert summary["solver"] == "lcp_di" and summary["seed"] == 0
-  table = runner.summary_table(on_disk)
+  table = recordslib.summary_table(on_disk)
   assert "eval loss" in table and "s/step" in table
 
 
@@ -132,6 +136,7 @@ def test_changed_config_in_same_workdir_is_refused(finished):
     run(toy(("num_steps", "8"), ("optimizer.learning_rate", "0.5")), wd)
 
 
+@pytest.mark.slow  # trains the toy in-process
 def test_resume_extends_and_matches_uninterrupted(tmp_path, finished):
   """8 steps + resume to 16 == 16 straight (params, solver params, average)."""
   pairs = [("checkpoint_every_steps", "4"), ("eval_every_epochs", "0"),
@@ -144,10 +149,11 @@ def test_resume_extends_and_matches_uninterrupted(tmp_path, finished):
   assert s["resumed_from"] == 8 and any("resuming from" in m for m in messages)
   run(toy(("num_steps", "16"), *pairs), b)
   assert_same_params(a, b, which=("params", "solver_params", "average"))
-  steps = [r["step"] for r in runner.read_jsonl(a / "metrics.jsonl") if r["split"] == "train"]
+  steps = [r["step"] for r in recordslib.read_jsonl(a / "metrics.jsonl") if r["split"] == "train"]
   assert steps == sorted(set(steps))  # no duplicated lines after the resume
 
 
+@pytest.mark.slow  # trains the toy in-process
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
   pairs = [("num_steps", "8"), ("checkpoint_every_steps", "4"), ("eval_every_epochs", "0")]
   a, b = tmp_path / "a", tmp_path / "b"
@@ -165,6 +171,7 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
   assert_same_params(a, b)
 
 
+@pytest.mark.slow  # trains the toy in-process
 def test_partial_checkpoint_directory_is_ignored(tmp_path):
   """An unfinished (temporary) save left by a kill does not count as a checkpoint."""
   pairs = [("num_steps", "4"), ("checkpoint_every_steps", "4"), ("eval_every_epochs", "0")]
@@ -177,10 +184,11 @@ def test_partial_checkpoint_directory_is_ignored(tmp_path):
   assert s["resumed_from"] == 4 and s["status"] == "completed"
 
 
+@pytest.mark.slow  # trains the toy in-process
 def test_nonfinite_stops_naming_step_and_checkpoint(tmp_path):
   cfg = toy(("num_steps", "12"), ("checkpoint_every_steps", "4"),
             ("problem_options.nan_batch_steps", "(9,)"))
-  with pytest.raises(runner.TrainingFailure) as info:
+  with pytest.raises(loop.TrainingFailure) as info:
     run(cfg, tmp_path)
   msg = str(info.value)
   assert msg.startswith("step 10 (batch 9): the gradients are not finite")
@@ -195,21 +203,23 @@ def test_nonfinite_stops_naming_step_and_checkpoint(tmp_path):
   assert s["status"] == "completed" and s["resumed_from"] == 8 and s["skipped_batches"] == 1
 
 
+@pytest.mark.slow  # trains the toy in-process
 def test_nonfinite_skip_leaves_params_unchanged(tmp_path):
   s = run(toy(("num_steps", "4"), ("on_nonfinite", "skip"), ("log_every_steps", "1"),
               ("problem_options.nan_batch_steps", "(1, 2)")), tmp_path)
   assert s["status"] == "completed" and s["skipped_batches"] == 2
-  train = [r for r in runner.read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+  train = [r for r in recordslib.read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
   assert [r["nonfinite_updates"] for r in train] == [0, 1, 1, 0]
   assert [r["skipped_total"] for r in train] == [0, 1, 2, 2]
   params = load_params(tmp_path)
   assert all(np.isfinite(v).all() for v in params.values())
 
 
+@pytest.mark.slow  # trains the toy in-process
 def test_nonconvergence_stops(tmp_path):
   cfg = toy(("num_steps", "8"), ("max_nonconverged_fraction", "0.1"),
             ("solvers.lcp_di.controlled.max_steps", "2"))
-  with pytest.raises(runner.TrainingFailure, match=(
+  with pytest.raises(loop.TrainingFailure, match=(
       r"step 4 \(batch 3\): controlled fixed point did not converge for 100.0% .*"
       r"no checkpoint was saved before it\. Raise --config.solvers.lcp_di.controlled.max_steps")):
     run(cfg, tmp_path)
@@ -217,14 +227,14 @@ def test_nonconvergence_stops(tmp_path):
 
 def test_plot_and_jsonl_helpers(tmp_path):
   path = tmp_path / "m.jsonl"
-  runner.append_jsonl(path, {"step": 1, "split": "train", "loss": 1.0})
-  runner.append_jsonl(path, {"step": 2, "split": "train", "loss": 0.5})
+  recordslib.append_jsonl(path, {"step": 1, "split": "train", "loss": 1.0})
+  recordslib.append_jsonl(path, {"step": 2, "split": "train", "loss": 0.5})
   with open(path, "a") as f:
     f.write('{"step": 3, "spl')  # a torn line, as a kill could leave
-  assert [r["step"] for r in runner.read_jsonl(path)] == [1, 2]
-  runner.truncate_metrics(path, 1)
-  assert [r["step"] for r in runner.read_jsonl(path)] == [1]
-  assert runner.plot_curves(path, tmp_path / "c.png").is_file()
+  assert [r["step"] for r in recordslib.read_jsonl(path)] == [1, 2]
+  recordslib.truncate_metrics(path, 1)
+  assert [r["step"] for r in recordslib.read_jsonl(path)] == [1]
+  assert recordslib.plot_curves(path, tmp_path / "c.png").is_file()
 
 
 def _wait_for_checkpoint(workdir: Path, proc, at_least: int, timeout: float = 240):
@@ -240,6 +250,7 @@ def _wait_for_checkpoint(workdir: Path, proc, at_least: int, timeout: float = 24
   return None
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_params(tmp_path):
   """Kill -9 mid-run, re-run the same command: same final params as an uninterrupted run."""
   cmd = RUN + ["--config", "toy:long", "--no_progress", "--config.num_steps=40",
@@ -265,10 +276,11 @@ def test_sigkill_and_resume_gives_identical_params(tmp_path):
   _, err = reference.communicate(timeout=300)
   assert reference.returncode == 0, err[-2000:]
   assert_same_params(killed, clean, which=("params", "solver_params", "average"))
-  records = runner.read_jsonl(killed / "metrics.jsonl")  # complete lines only
+  records = recordslib.read_jsonl(killed / "metrics.jsonl")  # complete lines only
   assert records[-1]["split"] == "eval" and records[-1]["step"] == 40
 
 
+@pytest.mark.slow
 def test_cli_failure_exit_code_and_message(tmp_path):
   out = subprocess.run(RUN + ["--config", "toy:quick", "--workdir", str(tmp_path / "f"),
                               "--no_progress", "--config.num_steps=6",
@@ -277,10 +289,11 @@ def test_cli_failure_exit_code_and_message(tmp_path):
   assert out.returncode == 1
   err = out.stderr.strip().splitlines()
   i = next(i for i, line in enumerate(err) if line.startswith("error:"))
-  assert err[i].startswith("error: training stopped at step 3 (batch 2)")
+  assert err[i].startswith("error: training failed at step 3 (batch 2)")
   assert "--workdir" in err[i + 1] and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # trains the toy in-process
 def test_progress_bar_and_tensorboard_writer(tmp_path, capsys, monkeypatch):
   """The bar shows ETA and live metrics; scalars go to a TensorBoard writer when one
   is installed (a stand-in tensorboardX here)."""
@@ -301,7 +314,7 @@ def test_progress_bar_and_tensorboard_writer(tmp_path, capsys, monkeypatch):
       pass
 
   monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=Writer))
-  runner.run(toy(("num_steps", "4"), ("log_every_steps", "2"), ("eval_every_epochs", "0")),
+  loop.run(toy(("num_steps", "4"), ("log_every_steps", "2"), ("eval_every_epochs", "0")),
              tmp_path, progress=True, log=quiet)
   err = capsys.readouterr().err
   assert "4/4" in err and "<" in err  # tqdm's [elapsed<remaining] ETA
@@ -311,3 +324,103 @@ def test_progress_bar_and_tensorboard_writer(tmp_path, capsys, monkeypatch):
   assert ("init", str(tmp_path / "tensorboard")) in written
   assert {"train/loss", "train/psi_norm", "eval/loss"} <= tags
   assert sorted({w[2] for w in written if w[0] == "train/loss"}) == [2, 4]
+
+
+# ----- issue 12 -----------------------------------------------------------------------------
+
+@pytest.mark.slow  # trains the toy in-process
+def test_blow_up_without_nan_ends_diverged(tmp_path):
+  """Item 8: loss 1e13 with finite numbers is no longer 'completed'."""
+  cfg = toy(("num_steps", "8"), ("optimizer.learning_rate", "1e6"),
+            ("max_nonconverged_fraction", "1"), ("checkpoint_every_steps", "0"))
+  with pytest.raises(loop.TrainingFailure, match="the training loss grew to") as info:
+    run(cfg, tmp_path)
+  assert info.value.status == "diverged"
+  assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+  cfg = toy(("num_steps", "8"), ("solvers.lcp_di.controlled.max_steps", "1"))
+  with pytest.raises(loop.TrainingFailure, match="controlled fixed point did not converge"):
+    run(cfg, tmp_path / "b")
+
+
+@pytest.mark.slow  # trains the toy in-process
+def test_structure_change_after_a_failed_run_is_refused_not_quarantined(tmp_path):
+  """Item 9: a failed run, then a config that changes the model: a config change
+  (refused, one line), not a corruption (nothing moved aside)."""
+  with pytest.raises(loop.TrainingFailure):
+    run(toy(("num_steps", "12"), ("checkpoint_every_steps", "4"),
+            ("problem_options.nan_batch_steps", "(9,)")), tmp_path)
+  config_json = (tmp_path / "config.json").read_text()
+  with pytest.raises(cfglib.ConfigError, match=r"checkpoints/8 holds a different model .*"
+                     r"train/params/.*: shape \(16, .*\) there, \(32, .*\) now"):
+    run(toy(("num_steps", "12"), ("problem_options.n_hidden", "32")), tmp_path)
+  assert not (tmp_path / "checkpoints_corrupt").exists()
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4, 8]
+  assert (tmp_path / "config.json").read_text() == config_json  # nothing rewritten
+
+
+@pytest.mark.slow  # trains the toy in-process
+def test_truncated_checkpoint_data_warning_names_the_read_error(tmp_path):
+  """Item 9: an unreadable data file is a corruption, and the warning says why
+  (not a 'Structure mismatch' of another template)."""
+  pairs = [("num_steps", "8"), ("checkpoint_every_steps", "4"), ("eval_every_epochs", "0")]
+  run(toy(*pairs), tmp_path)
+  data = [f for f in (tmp_path / "checkpoints" / "8" / "state").rglob("*")
+          if f.is_file() and "metadata" not in f.name.lower() and f.stat().st_size > 64]
+  for f in data:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  messages = []
+  s = run(toy(*pairs), tmp_path, log=messages.append)
+  warning = [m for m in messages if m.startswith("warning:")]
+  assert warning and "checkpoints/8 is corrupt" in warning[0]
+  assert "Structure mismatch" not in warning[0] and "not found" not in warning[0]
+  assert s["resumed_from"] == 4
+
+
+@pytest.mark.slow  # trains the toy in-process
+def test_checkpoint_on_wall_time(tmp_path):
+  """Item 10: checkpoint_every_steps=0 still checkpoints on wall time (at log steps)."""
+  run(toy(("num_steps", "6"), ("checkpoint_every_steps", "0"), ("log_every_steps", "2"),
+          ("checkpoint_every_minutes", "1e-9"), ("eval_every_epochs", "0")), tmp_path)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4, 6]
+
+
+def _start(cmd, workdir):
+  return subprocess.Popen(cmd + ["--workdir", str(workdir)], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_second_process_on_a_workdir_is_refused_naming_the_holder(tmp_path):
+  """Item 6: two launch/run.py on one work directory: the second ends in one line."""
+  cmd = RUN + ["--config", "toy:long", "--no_progress", "--config.num_steps=400"]
+  first = _start(cmd, tmp_path)
+  try:
+    assert _wait_for_checkpoint(tmp_path, first, at_least=10) is not None
+    out = subprocess.run(cmd + ["--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  assert out.returncode == 2
+  err = out.stderr.strip().splitlines()
+  assert len(err) == 1 and f"is in use by process {first.pid}" in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_quietly_and_resume(tmp_path, sig):
+  """Item 12: SIGTERM (preemption) or Ctrl-C, even during a save (a checkpoint every
+  step here), stops with exit 130 and no traceback, and the same command resumes."""
+  cmd = RUN + ["--config", "toy:long", "--no_progress", "--config.num_steps=60",
+               "--config.checkpoint_every_steps=1", "--config.log_every_steps=1"]
+  proc = _start(cmd, tmp_path)
+  assert _wait_for_checkpoint(tmp_path, proc, at_least=5) is not None
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
+  again = subprocess.run(cmd + ["--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "resuming from" in again.stdout
+  assert json.loads((tmp_path / "summary.json").read_text())["resumed_from"] >= 5

@@ -1,17 +1,19 @@
-"""Sweeps (bilevel/sweep.py, launch/sweep.py): grid expansion, aggregation, parallel
+"""Sweeps (launch/sweeping.py, launch/sweep.py): grid expansion, aggregation, parallel
 resumable runs on the local pool, and the optional Ray backend."""
 
 import csv
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from bilevel import config as cfglib
-from bilevel import sweep
+from launch import config as cfglib
+from launch import sweeping as sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = [sys.executable, str(ROOT / "launch" / "sweep.py")]
@@ -72,6 +74,7 @@ def test_aggregation_mean_std_table_csv_plot(tmp_path):
   assert (tmp_path / "comparison.png").is_file()
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_in_parallel_and_resumes(tmp_path):
   d = tmp_path / "sw"
   cmd = SWEEP + ["--config", "toy:quick", "--solvers", "lcp_di,rbp", "--seeds", "0",
@@ -94,6 +97,7 @@ def test_local_sweep_runs_in_parallel_and_resumes(tmp_path):
   assert "--config.solver=rbp" in dry.stdout and "--config.solver=lcp_di" not in dry.stdout
 
 
+@pytest.mark.slow
 def test_bad_sweep_exits_2_with_one_line(tmp_path):
   out = subprocess.run(SWEEP + ["--config", "toy:quick", "--grid", "optimizer.lr=1,2",
                                 "--sweepdir", str(tmp_path)],
@@ -106,6 +110,7 @@ def test_bad_sweep_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                     reason="Ray is an optional extra (pip install -e '.[ray]'); not installed")
+@pytest.mark.slow
 def test_ray_backend_local_cluster(tmp_path):
   d = tmp_path / "ray"
   out = subprocess.run(SWEEP + ["--config", "toy:quick", "--solvers", "rbp", "--seeds", "0",
@@ -116,3 +121,39 @@ def test_ray_backend_local_cluster(tmp_path):
   summary = json.loads((d / "runs" / "rbp" / "default" / "seed0" / "summary.json").read_text())
   assert summary["status"] == "completed"
   assert "| rbp |" in (d / "results.md").read_text()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    state = Path(f"/proc/{pid}/status").read_text()
+  except OSError:
+    return False
+  return "\nState:\tZ" not in state  # a zombie has exited
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_children_die_with_a_killed_sweep(tmp_path):
+  """Issue 12 item 7: kill -9 of the sweep stops its runs (they save and exit)."""
+  d = tmp_path / "sweep"
+  proc = subprocess.Popen(SWEEP + ["--config", "toy:long", "--solvers", "lcp_di", "--seeds",
+                                   "0", "--workers", "1", "--sweepdir", str(d),
+                                   "--config.num_steps=400"], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  run_dir = d / "runs" / "lcp_di" / "default" / "seed0"
+  deadline, child = time.time() + 240, None
+  try:
+    while time.time() < deadline and child is None:
+      ckpts = list((run_dir / "checkpoints").glob("[0-9]*"))
+      text = (run_dir / ".lock").read_text().strip() if (run_dir / ".lock").exists() else ""
+      child = int(text) if text.isdigit() and ckpts else None
+      time.sleep(0.2)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert child is not None, "the run never started"
+  deadline = time.time() + 120
+  while _alive(child) and time.time() < deadline:
+    time.sleep(0.2)
+  assert not _alive(child), "the run outlived its sweep"
+  assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"

@@ -12,15 +12,15 @@ crashed worker never takes the others down. Backends:
   file system), otherwise Ray starts a local one-machine cluster.
 
 Resumable: a run whose ``summary.json`` says ``completed`` is skipped, an
-interrupted one resumes from its last checkpoint, a failed one is reported (and
-retried with ``--retry_failed``). When the runs are done the sweep writes
+interrupted one resumes from its last checkpoint, a failed or diverged one is
+reported (and retried with ``--retry_failed``). The children die with the sweep
+(even ``kill -9``), and a work-directory lock keeps two processes off one run. When the runs are done the sweep writes
 ``results.csv`` (one row per run), ``results.md`` (mean +- std over seeds per
 cell) and ``comparison.png`` into the sweep directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import csv
 import dataclasses
@@ -35,12 +35,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
+from absl import flags
 
-from bilevel import config as cfglib
+from launch import config as cfglib
+from launch import signals
+from launch.records import atomic_savefig, atomic_write_text, fmt, mean_std, read_summary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RUN_SCRIPT = REPO_ROOT / "launch" / "run.py"
+RUN_SCRIPT = Path(__file__).resolve().parent / "run.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +131,6 @@ def validate_runs(config_spec: str, runs: Sequence[RunSpec],
       raise cfglib.ConfigError(f"sweep cell ({where}): {e}") from e
 
 
-def read_summary(workdir: Path) -> dict:
-  try:
-    return json.loads((Path(workdir) / "summary.json").read_text())
-  except (OSError, json.JSONDecodeError):
-    return {}
-
-
 def run_command(config_spec: str, run: RunSpec, fixed: Sequence[tuple[str, str]],
                 extra_args: Sequence[str] = ()) -> list[str]:
   cmd = [sys.executable, str(RUN_SCRIPT), "--config", config_spec, "--workdir",
@@ -155,16 +150,22 @@ def execute(cmd: Sequence[str], log_path: str, env: Optional[dict] = None) -> in
   return proc.returncode
 
 
-def _worker_env() -> dict:
+def _worker_env(die_with_sweep: bool = False) -> dict:
   env = dict(os.environ)
   pp = env.get("PYTHONPATH", "")
   env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
+  if die_with_sweep:  # launch/run.py asks the kernel for SIGTERM when we die
+    env[signals.PARENT_ENV] = str(os.getpid())
   return env
 
 
 def run_local(jobs: list[tuple[RunSpec, list[str], str]], workers: int,
               on_done: Callable[[RunSpec, int], None]) -> None:
-  env = _worker_env()
+  """A pool of worker threads, each waiting on one ``launch/run.py`` child. The
+  children die with the sweep (SIGTERM, even when the sweep is killed with -9:
+  :func:`launch.signals.die_with_parent`) and are in its process group (Ctrl-C
+  reaches them); each run's work-directory lock keeps a rerun off a live child."""
+  env = _worker_env(die_with_sweep=True)
   with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
     futures = {pool.submit(execute, cmd, log, env): run for run, cmd, log in jobs}
     for fut in as_completed(futures):
@@ -240,11 +241,6 @@ def default_metric(rows: Sequence[dict]) -> str:
   return "train/loss"
 
 
-def _mean_std(vals: list[float]) -> tuple[float, float]:
-  arr = np.asarray(vals, float)
-  return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else 0.0)
-
-
 def aggregate(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Sequence[str]
               ) -> list[dict]:
   """Mean and std over seeds of each metric, per (solver, grid values) cell."""
@@ -260,15 +256,9 @@ def aggregate(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Sequence[
       vals = [m[metric] for m in ok if isinstance(m.get(metric), float)
               and math.isfinite(m[metric])]
       if vals:
-        cell[metric] = _mean_std(vals)
+        cell[metric] = mean_std(vals, empty_std=0.0)
     out.append(cell)
   return out
-
-
-def _fmt(x: float) -> str:
-  if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
-    return f"{x:.3e}"
-  return f"{x:.4g}"
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
@@ -291,7 +281,7 @@ def markdown_table(cells: Sequence[dict], grid_keys: Sequence[str],
   for c in cells:
     vals = [c["solver"], *[str(c.get(k, "")) for k in grid_keys]]
     for m in metrics:
-      vals.append(f"{_fmt(c[m][0])} ± {_fmt(c[m][1])}" if m in c else "—")
+      vals.append(f"{fmt(float(c[m][0]))} ± {fmt(float(c[m][1]))}" if m in c else "—")
     vals.append(f"{c['n']}/{c['runs']}")
     lines.append("| " + " | ".join(vals) + " |")
   return "\n".join(lines) + "\n"
@@ -316,7 +306,6 @@ def plot_comparison(cells: Sequence[dict], grid_keys: Sequence[str], metric: str
   ax.set_ylabel(metric)
   ax.set_title(f"{metric} (mean ± std over seeds)")
   fig.tight_layout()
-  from bilevel.runner import atomic_savefig  # noqa: PLC0415
   return atomic_savefig(fig, path)
 
 
@@ -335,9 +324,7 @@ def write_reports(sweepdir: Path, runs: Sequence[RunSpec], grid_keys: Sequence[s
   if failed:
     md += "\nNot completed: " + ", ".join(
         f"{Path(r['workdir']).relative_to(sweepdir)} ({r['status']})" for r in failed) + "\n"
-  tmp = sweepdir / ".results.md.tmp"
-  tmp.write_text(md)
-  os.replace(tmp, sweepdir / "results.md")
+  atomic_write_text(sweepdir / "results.md", md)
   try:
     plot_comparison(cells, grid_keys, metric, sweepdir / "comparison.png")
   except Exception as e:  # noqa: BLE001 -- plotting must not lose results
@@ -347,47 +334,39 @@ def write_reports(sweepdir: Path, runs: Sequence[RunSpec], grid_keys: Sequence[s
 
 # ----- command line -------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="launch/sweep.py",
-      description="Grid over solvers x seeds x config keys; parallel, resumable, aggregated.",
-      epilog="Example: python launch/sweep.py --config toy:quick --solvers lcp_di,rbp "
-             "--seeds 0,1,2 --grid optimizer.learning_rate=1e-3,1e-2 --workers 2. "
-             "Fixed overrides for every run: --config.KEY=VALUE.")
-  p.add_argument("--config", required=True, metavar="NAME[:preset]")
-  p.add_argument("--solvers", default=None,
-                 help="comma-separated solver names (default: the config's solver)")
-  p.add_argument("--seeds", default="0", help="comma-separated seeds, or a range 0-4")
-  p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                 help="a config key and its values (repeatable: cartesian product)")
-  p.add_argument("--sweepdir", default=None,
-                 help="where runs and reports go (default runs/sweeps/<config>)")
-  p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                 help="parallel runs (default: half the CPU cores)")
-  p.add_argument("--backend", choices=("local", "ray"), default="local")
-  p.add_argument("--ray_address", default=None,
-                 help="join this Ray cluster (default: start a local one)")
-  p.add_argument("--metric", default=None,
-                 help="metric for the table's first column and the plot, e.g. eval/accuracy")
-  p.add_argument("--retry_failed", action="store_true",
-                 help="re-run runs whose summary says failed (they resume)")
-  p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
-  p.add_argument("--report_only", action="store_true",
-                 help="only aggregate what is already there")
-  return p
+def define_flags(fv: flags.FlagValues) -> None:
+  """The sweep's flags besides ``--config`` and the fixed overrides ``--config.KEY=V``."""
+  flags.DEFINE_string("solvers", None, "comma-separated solver names (default: the "
+                      "config's solver)", flag_values=fv)
+  flags.DEFINE_string("seeds", "0", "comma-separated seeds, or a range 0-4", flag_values=fv)
+  flags.DEFINE_multi_string("grid", [], "KEY=V1,V2: a config key and its values "
+                            "(repeatable: cartesian product)", flag_values=fv)
+  flags.DEFINE_string("sweepdir", None, "where runs and reports go (default "
+                      "runs/sweeps/<config>)", flag_values=fv)
+  flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) // 2),
+                       "parallel runs (default: half the CPU cores)", flag_values=fv)
+  flags.DEFINE_enum("backend", "local", ["local", "ray"], "where the runs execute",
+                    flag_values=fv)
+  flags.DEFINE_string("ray_address", None, "join this Ray cluster (default: start a "
+                      "local one)", flag_values=fv)
+  flags.DEFINE_string("metric", None, "metric for the table's first column and the plot, "
+                      "e.g. eval/accuracy", flag_values=fv)
+  flags.DEFINE_boolean("retry_failed", False, "re-run runs whose summary says failed "
+                       "(they resume)", flag_values=fv)
+  flags.DEFINE_boolean("dry_run", False, "list the runs and exit", flag_values=fv)
+  flags.DEFINE_boolean("report_only", False, "only aggregate what is already there",
+                       flag_values=fv)
 
 
-def _parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
+  """``'0,1,2'`` or ``'0-2'`` -> ``[0, 1, 2]``."""
   out = []
-  for part in text.split(","):
-    part = part.strip()
-    if not part:
-      continue
+  for part in (p.strip() for p in text.split(",")):
     try:
       if "-" in part[1:]:
         a, b = part.split("-", 1)
         out += list(range(int(a), int(b) + 1))
-      else:
+      elif part:
         out.append(int(part))
     except ValueError as e:
       raise cfglib.ConfigError(f"--seeds {text!r}: {part!r} is not an int or a range "
@@ -397,80 +376,97 @@ def _parse_seeds(text: str) -> list[int]:
   return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    fixed, rest = cfglib.parse_override_args(argv)
-  except cfglib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  args = _parser().parse_args(rest)
-  try:
-    base = cfglib.load(args.config, fixed)
-    solvers = ([s.strip() for s in args.solvers.split(",") if s.strip()]
-               if args.solvers else [base.solver])
-    seeds = _parse_seeds(args.seeds)
-    grid = [parse_grid_arg(g) for g in args.grid]
-    sweepdir = Path(args.sweepdir or Path("runs") / "sweeps" / cfglib.config_label(args.config))
-    runs = expand(solvers, seeds, grid, sweepdir)
-    validate_runs(args.config, runs, fixed)
-  except cfglib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+@dataclasses.dataclass
+class Plan:
+  """A parsed sweep command: what to run where."""
+  spec: str
+  fixed: list
+  solvers: list
+  seeds: list
+  grid: list
+  sweepdir: Path
+  runs: list
+  command: str
+
+  @property
+  def grid_keys(self) -> list[str]:
+    return [k for k, _ in self.grid]
+
+  def log_path(self, run: RunSpec) -> Path:
+    return self.sweepdir / "logs" / (run.run_id.replace("/", "__") + ".log")
+
+
+def make_plan(argv: Sequence[str], fv: flags.FlagValues) -> Plan:
+  """Parses and validates the command line (ConfigError on anything wrong)."""
+  base = cfglib.parse_flags(argv, fv)[0]
+  spec = fv["config"].config_filename
+  fixed = cfglib.override_pairs(cfglib.normalize_argv(argv))
+  solvers = ([s.strip() for s in fv.solvers.split(",") if s.strip()] if fv.solvers
+             else [base.solver])
+  seeds = parse_seeds(fv.seeds)
+  grid = [parse_grid_arg(g) for g in fv.grid]
+  sweepdir = Path(fv.sweepdir or Path("runs") / "sweeps" / cfglib.config_label(spec))
+  validate_runs(spec, expand(solvers, seeds, grid, sweepdir), fixed)
   sweepdir = sweepdir.absolute()
-  runs = expand(solvers, seeds, grid, sweepdir)
-  grid_keys = [k for k, _ in grid]
-  sweepdir.mkdir(parents=True, exist_ok=True)
-  command = "python launch/sweep.py " + " ".join(argv)
-  (sweepdir / "sweep.json").write_text(json.dumps(
-      {"command": command, "config": args.config, "solvers": solvers, "seeds": seeds,
-       "grid": grid, "fixed": fixed}, indent=2) + "\n")
+  return Plan(spec, fixed, solvers, seeds, grid, sweepdir,
+              expand(solvers, seeds, grid, sweepdir),
+              "python launch/sweep.py " + " ".join(argv))
 
-  todo, skipped = [], []
-  for run in runs:
+
+def pending_runs(plan: Plan, retry_failed: bool) -> tuple[list[RunSpec], int]:
+  """Runs still to do, and how many are done (completed, or failed and not retried)."""
+  todo = []
+  for run in plan.runs:
     status = read_summary(run.workdir).get("status")
-    if status == "completed" or (status == "failed" and not args.retry_failed):
-      skipped.append((run, status))
-    else:
+    stopped = status in ("failed", "diverged")
+    if not (status == "completed" or (stopped and not retry_failed)):
       todo.append(run)
-  print(f"sweep: {len(runs)} runs ({len(solvers)} solvers x "
-        f"{len(runs) // max(1, len(solvers) * len(seeds))} grid points x {len(seeds)} seeds)"
-        f" -> {sweepdir}; {len(skipped)} already done, {len(todo)} to run")
-  if args.dry_run:
+  return todo, len(plan.runs) - len(todo)
+
+
+def launch_runs(plan: Plan, todo: list[RunSpec], fv: flags.FlagValues) -> int:
+  """Runs ``todo`` on the chosen backend, printing one line per finished run;
+  returns the number of failures."""
+  jobs = [(run, run_command(plan.spec, run, plan.fixed), str(plan.log_path(run)))
+          for run in todo]
+  t0, counts = time.time(), {"done": 0, "failed": 0}
+
+  def on_done(run: RunSpec, rc: int) -> None:
+    counts["done"] += 1
+    counts["failed"] += rc != 0
+    status = read_summary(run.workdir).get("status", "no summary")
+    print(f"[{counts['done']}/{len(todo)}] {run.run_id}: {status} (exit {rc}, "
+          f"{time.time() - t0:.0f}s)" + (f"; log: {plan.log_path(run)}" if rc else ""),
+          flush=True)
+
+  if fv.backend == "ray":
+    run_ray(jobs, fv.workers, on_done, fv.ray_address)
+  else:
+    run_local(jobs, fv.workers, on_done)
+  return counts["failed"]
+
+
+def sweep(plan: Plan, fv: flags.FlagValues) -> int:
+  """Runs what is left of the sweep and writes its reports; returns the exit status."""
+  plan.sweepdir.mkdir(parents=True, exist_ok=True)
+  atomic_write_text(plan.sweepdir / "sweep.json", json.dumps(
+      {"command": plan.command, "config": plan.spec, "solvers": plan.solvers,
+       "seeds": plan.seeds, "grid": plan.grid, "fixed": plan.fixed}, indent=2) + "\n")
+  todo, done = pending_runs(plan, fv.retry_failed)
+  print(f"sweep: {len(plan.runs)} runs ({len(plan.solvers)} solvers x "
+        f"{len(plan.runs) // max(1, len(plan.solvers) * len(plan.seeds))} grid points x "
+        f"{len(plan.seeds)} seeds) -> {plan.sweepdir}; {done} already done, "
+        f"{len(todo)} to run")
+  if fv.dry_run:
     for run in todo:
-      print("  " + " ".join(run_command(args.config, run, fixed)))
+      print("  " + " ".join(run_command(plan.spec, run, plan.fixed)))
     return 0
-
-  failures = 0
-  if todo and not args.report_only:
-    jobs = [(run, run_command(args.config, run, fixed),
-             str(sweepdir / "logs" / (run.run_id.replace("/", "__") + ".log")))
-            for run in todo]
-    t0, done = time.time(), [0]
-
-    def on_done(run: RunSpec, rc: int) -> None:
-      nonlocal failures
-      done[0] += 1
-      status = read_summary(run.workdir).get("status", "no summary")
-      if rc != 0:
-        failures += 1
-      log = sweepdir / "logs" / (run.run_id.replace("/", "__") + ".log")
-      print(f"[{done[0]}/{len(todo)}] {run.run_id}: {status} (exit {rc}, "
-            f"{time.time() - t0:.0f}s)" + (f"; log: {log}" if rc != 0 else ""), flush=True)
-
-    try:
-      if args.backend == "ray":
-        run_ray(jobs, args.workers, on_done, args.ray_address)
-      else:
-        run_local(jobs, args.workers, on_done)
-    except cfglib.ConfigError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
-  report = write_reports(sweepdir, runs, grid_keys, args.metric,
-                         header=f"Sweep `{command}`")
+  failures = launch_runs(plan, todo, fv) if todo and not fv.report_only else 0
+  report = write_reports(plan.sweepdir, plan.runs, plan.grid_keys, fv.metric,
+                         header=f"Sweep `{plan.command}`")
   print(report["markdown"])
-  print(f"results: {sweepdir}/results.csv  {sweepdir}/results.md  "
-        f"{sweepdir}/comparison.png")
+  print(f"results: {plan.sweepdir}/results.csv  {plan.sweepdir}/results.md  "
+        f"{plan.sweepdir}/comparison.png")
   if failures:
     print(f"{failures} run(s) failed; see the logs above. Re-running the same command "
           "resumes the unfinished ones", file=sys.stderr)
@@ -478,5 +474,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
-__all__ = ["RunSpec", "aggregate", "collect", "expand", "main", "parse_grid_arg",
-           "write_reports"]
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """``launch/sweep.py``: returns the exit status."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  fv = flags.FlagValues()
+  define_flags(fv)
+  if {"-h", "--help", "--helpfull"} & set(argv):
+    print(__doc__ + "\nFlags:\n" + fv.get_help())
+    return 0
+  try:
+    return sweep(make_plan(argv, fv), fv)
+  except cfglib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+__all__ = ["Plan", "RunSpec", "aggregate", "collect", "expand", "main", "make_plan",
+           "parse_grid_arg", "parse_seeds", "write_reports"]

@@ -12,7 +12,7 @@
 Averaging (``polyak_start_epoch >= 0``): from that epoch on, a separate pytree
 holds the running average of the parameters -- the uniform Polyak mean if
 ``polyak_decay == 0``, else an exponential moving average with that decay. The
-runner checkpoints it with the train state and evaluates with it.
+training loop (launch/loop.py) checkpoints it with the train state and evaluates with it.
 """
 
 from __future__ import annotations

@@ -11,13 +11,15 @@ A checkpoint at step ``s`` (directory ``<workdir>/checkpoints/<s>/``) holds
 Writes are atomic: orbax writes into a temporary directory and renames it when
 complete, so a run killed mid-save leaves the previous checkpoints intact (the
 unfinished temporary directory is ignored). The last ``keep`` checkpoints are
-kept. :meth:`Checkpointer.restore` tries the newest checkpoint first; a corrupt
-or unreadable one is moved aside to ``<workdir>/checkpoints_corrupt/`` with a
-warning and the previous one is used.
+kept. :meth:`Checkpointer.restore` tries the newest checkpoint first; an
+unreadable one is moved aside to ``<workdir>/checkpoints_corrupt/`` with a
+warning and the previous one is used; a readable one of another structure (a
+changed config) raises :class:`CheckpointMismatch`.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import time
@@ -86,10 +88,6 @@ class Checkpointer:
       return []
     return sorted(self.manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
-    steps = self.steps()
-    return steps[-1] if steps else None
-
   def path(self, step: int) -> Path:
     return self.directory / str(step)
 
@@ -112,7 +110,13 @@ class Checkpointer:
     out = self.manager.restore(step, args=args)
     return out["state"], dict(out["host"])
 
-  def restore(self, state_template: Any, average_template: Optional[Any]
+  def _metadata(self, step: int) -> dict:
+    """``{path: shape}`` of the saved state (raises if the checkpoint is unreadable)."""
+    meta = _ocp().StandardCheckpointer().metadata(self.path(step) / "state").item_metadata
+    return shapes(meta)
+
+  def restore(self, state_template: Any, average_template: Optional[Any],
+              mismatch_is_corrupt: bool = False
               ) -> Optional[tuple[int, Any, Optional[dict], dict]]:
     """Newest readable checkpoint as ``(step, state, average, host)``; None if none.
 
@@ -120,36 +124,43 @@ class Checkpointer:
     freshly initialised state); ``average_template`` likewise for the averaged
     parameters (None when averaging is off). ``average`` is returned as a dict
     ``{"params", "count"}``, or None if the checkpoint has none (averaging was
-    turned on later). Unreadable checkpoints are moved to ``checkpoints_corrupt/``
-    with a warning, falling back to older ones.
+    turned on later).
+
+    A checkpoint whose files cannot be read is corrupt: it is moved to
+    ``checkpoints_corrupt/`` with a warning naming the error, and the previous one
+    is tried. A readable checkpoint that holds a different structure (the config
+    changed the model, the solver state, ...) raises :class:`CheckpointMismatch`:
+    it is not corrupt, and nothing is moved -- unless ``mismatch_is_corrupt`` (the
+    config did not change, so the files must be damaged).
     """
-    if average_template is None:  # the checkpoint may still hold one: allow both
-      params = state_template.params
-      average_template = {"params": params, "count": np.zeros((), np.int32)}
-      want_average = False
-    else:
-      want_average = True
+    want_average = average_template is not None
+    if not want_average:  # the checkpoint may still hold one: allow both
+      average_template = {"params": state_template.params,
+                          "count": np.zeros((), np.int32)}
     variants = [_pack(state_template, average_template), _pack(state_template, None)]
     bad: list[int] = []
     result = None
     for step in reversed(self.steps()):
-      error = None
-      for template in variants:
-        try:
-          tree, host = self._restore_step(step, template)
-          break
-        except Exception as e:  # noqa: BLE001 -- any failure means: try the next
-          error = error or e
-      else:
-        msg = (f"checkpoint {self.path(step)} is corrupt or incomplete "
-               f"({type(error).__name__}: {_first_line(error)}); skipping it and "
-               "trying the previous one")
-        self._warn(msg)
+      try:
+        saved = self._metadata(step)
+        tree, host = _restore_any(lambda t, s=step: self._restore_step(s, t), saved,
+                                  variants, self.path(step))
+      except CheckpointMismatch as error:
+        if not mismatch_is_corrupt:
+          raise
+        self._warn(f"checkpoint {self.path(step)} is corrupt: it cannot be read as this "
+                   f"(unchanged) config's state ({_first_line(error)}); moving it to "
+                   f"{self.directory.name}_corrupt/ and trying the previous one")
         bad.append(step)
         continue
-      state = type(state_template)(**tree["train"])
+      except Exception as error:  # noqa: BLE001 -- unreadable: try the previous one
+        self._warn(f"checkpoint {self.path(step)} is corrupt or incomplete "
+                   f"({type(error).__name__}: {_first_line(error)}); moving it to "
+                   f"{self.directory.name}_corrupt/ and trying the previous one")
+        bad.append(step)
+        continue
       average = tree.get("average") if want_average else None
-      result = (step, state, average, host)
+      result = (step, type(state_template)(**tree["train"]), average, host)
       break
     if bad:
       self._quarantine(bad)
@@ -169,6 +180,63 @@ class Checkpointer:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # noqa: PLC0415
       multihost_utils.sync_global_devices("bilevel_checkpoint_quarantine")
+
+
+class CheckpointMismatch(RuntimeError):
+  """A readable checkpoint holds a different structure than the run expects: the
+  config changed in a way the checkpoint cannot continue (not a corruption)."""
+
+
+def _key_name(k: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def shapes(tree: PyTree) -> dict:
+  """``{'a/b/0': shape}`` of a pytree of arrays or array metadata (PRNG keys: None)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    typed_key = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    shape = getattr(leaf, "shape", None)
+    out["/".join(_key_name(k) for k in path)] = None if typed_key else tuple(shape or ())
+  return out
+
+
+def _signature(shape_map: dict) -> collections.Counter:
+  return collections.Counter(v for v in shape_map.values() if v is not None)
+
+
+def _mismatch(saved: dict, variants: list, where: Path) -> CheckpointMismatch:
+  """The error for a readable checkpoint that fits no template variant."""
+  want = shapes(variants[0])
+  params = [f"{k}: shape {saved[k]} there, {want[k]} now" for k in sorted(set(saved) & set(want))
+            if k.startswith("train/params/") and None not in (saved[k], want[k])
+            and saved[k] != want[k]]
+  params += [f"{k}: not in this config's model" for k in sorted(saved)
+             if k.startswith("train/params/") and k not in want]
+  detail = params[0] if params else (f"{len(saved)} arrays there, {len(want)} now: the "
+                                     "optimizer or solver state differs")
+  return CheckpointMismatch(
+      f"checkpoint {where} holds a different model or training state than this config "
+      f"builds ({detail}): the config changed in a way the run cannot resume")
+
+
+def _restore_any(restore: Callable, saved: dict, variants: list, where: Path):
+  """Restores with the template variant that matches the saved shapes (its error if
+  that fails: the files are unreadable); when none matches, tries each one and
+  raises CheckpointMismatch if all fail (a config change, not a corruption)."""
+  matching = [v for v in variants if _signature(shapes(v)) == _signature(saved)]
+  if matching:
+    return restore(matching[0])
+  for variant in variants:
+    try:
+      return restore(variant)
+    except Exception:  # noqa: BLE001 -- a structure mismatch; decided below
+      continue
+  raise _mismatch(saved, variants, where)
 
 
 def _first_line(e: BaseException) -> str:
@@ -205,4 +273,4 @@ def load_params(workdir: os.PathLike | str, step: Optional[int] = None,
   return jax.tree.map(np.asarray, tree["train"][which])
 
 
-__all__ = ["Checkpointer", "load_params"]
+__all__ = ["CheckpointMismatch", "Checkpointer", "load_params", "shapes"]
