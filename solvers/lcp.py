@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from bilevel import controlled_solve as cs
 from bilevel import fixed_point as fp
 from bilevel import least_control as lc
 from bilevel import tree as tu
@@ -44,8 +45,16 @@ class LeastControl(Solver):
   # at dt = 1 can oscillate or blow up, Anderson acceleration settles them.
   controlled: Relaxation = Relaxation(strategy=fp.Anderson(dt=0.5, memory=5), rtol=1e-6,
                                       max_steps=800)
+  # How the controlled steady state is found: "relaxation" integrates the
+  # dynamics with `controlled`; "newton" (or {"method": "newton", ...}) solves
+  # F(z) = 0 for the same steady state, to `controlled`'s tolerance and budget
+  # (bilevel/controlled_solve.py).
+  controlled_solve: Any = "relaxation"
 
   def __post_init__(self):
+    # A hashable route object (solvers are jit/lru_cache keys).
+    object.__setattr__(self, "controlled_solve",
+                       cs.make_route(self.controlled_solve) or "relaxation")
     if self.alpha < 0 or self.k_i <= 0 or self.k_p < 0:
       raise ValueError(f"{self.name}: need alpha >= 0, k_i > 0 and k_p >= 0; got "
                        f"alpha={self.alpha}, k_i={self.k_i}, k_p={self.k_p}")
@@ -78,8 +87,8 @@ class LeastControl(Solver):
 
     def controlled_equilibrium(phi, example):
       z0 = self.initial_state(problem, phi, example)
-      res = self.controlled.solve(
-          self.field(problem, params, solver_params, example), z0)
+      res = cs.solve_controlled(cs.make_route(self.controlled_solve), self.controlled,
+                                self.field(problem, params, solver_params, example), z0)
       psi = self.control(problem, params, solver_params, res.value, example)
       # Eq. 3's first constraint, f(phi*) + psi* = 0, as a diagnostic.
       violation = tu.tree_norm(tu.tree_add(problem.f(params, res.value.phi, example), psi))
