@@ -72,6 +72,10 @@ OPTIMIZER: dict[str, tuple] = {
     "decay_every_epochs": (_INT, lambda v: v > 0, "> 0", 1),
     "decay_factor": (_NUM, lambda v: 0.0 < v <= 1.0, "in (0, 1]", 0.1),
     "clip_norm": (_NUM, lambda v: v >= 0, ">= 0 (0 = off)", 0.0),
+    # "joint": one global norm over (params, solver_params); "separate": each
+    # clipped to clip_norm on its own (the paper authors' two clips).
+    "clip_groups": ((str,), lambda v: v in ("joint", "separate"), "'joint' or 'separate'",
+                    "joint"),
     "weight_decay": (_NUM, lambda v: v >= 0, ">= 0", 0.0),
     "polyak_start_epoch": (_INT, lambda v: v >= -1, ">= -1 (-1 = off)", -1),
     "polyak_decay": (_NUM, lambda v: 0.0 <= v < 1.0,

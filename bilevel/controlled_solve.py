@@ -204,3 +204,19 @@ def solve_controlled(route: Optional[NewtonKrylov], relaxation, field: fp.Field,
   start = jax.tree.map(lambda a, b: jnp.where(newton.converged, a, b), newton.value, z0)
   relaxed = relaxation.solve(field, start)
   return relaxed._replace(iterations=newton.iterations + relaxed.iterations)
+
+
+def unit_norm_like(params: PyTree, key: jax.Array) -> PyTree:
+  """Random matrices with unit Frobenius norm in the shape of every matrix leaf
+  of ``params`` (zeros for vectors): the paper authors' Kolen-Pollack feedback
+  initialisation (their feedback layers are divided by their norm)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, max(len(leaves), 1))
+
+  def one(k, x):
+    if x.ndim < 2:
+      return jnp.zeros_like(x)
+    w = jax.random.normal(k, x.shape, x.dtype)
+    return w / jnp.linalg.norm(w)
+
+  return jax.tree.unflatten(treedef, [one(k, x) for k, x in zip(keys, leaves)])

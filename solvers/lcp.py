@@ -50,11 +50,17 @@ class LeastControl(Solver):
   # F(z) = 0 for the same steady state, to `controlled`'s tolerance and budget
   # (bilevel/controlled_solve.py).
   controlled_solve: Any = "relaxation"
+  # Where the controlled phase starts: "free" (the free equilibrium) or "zeros"
+  # (problem.init_state, as in the paper authors' code).
+  controlled_start: str = "free"
 
   def __post_init__(self):
     # A hashable route object (solvers are jit/lru_cache keys).
     object.__setattr__(self, "controlled_solve",
                        cs.make_route(self.controlled_solve) or "relaxation")
+    if self.controlled_start not in ("free", "zeros"):
+      raise ValueError(f"controlled_start must be 'free' or 'zeros', got "
+                       f"{self.controlled_start!r}")
     if self.alpha < 0 or self.k_i <= 0 or self.k_p < 0:
       raise ValueError(f"{self.name}: need alpha >= 0, k_i > 0 and k_p >= 0; got "
                        f"alpha={self.alpha}, k_i={self.k_i}, k_p={self.k_p}")
@@ -86,6 +92,8 @@ class LeastControl(Solver):
     free = self.free_equilibrium(problem, params, batch)
 
     def controlled_equilibrium(phi, example):
+      if self.controlled_start == "zeros":
+        phi = problem.init_state(params, example)
       z0 = self.initial_state(problem, phi, example)
       res = cs.solve_controlled(cs.make_route(self.controlled_solve), self.controlled,
                                 self.field(problem, params, solver_params, example), z0)
@@ -140,15 +148,20 @@ class KolenPollack(DynamicInversion):
   """
   name: ClassVar[str] = "lcp_kp"
   weight_decay: float = 1e-6
-  feedback_init: str = "random"  # or "copy": start aligned (B = theta)
+  # "random", "copy" (start aligned, B = theta) or "unit_norm" (the paper
+  # authors': every feedback matrix random with unit Frobenius norm).
+  feedback_init: str = "random"
   init_scale: float = 1.0
 
   def init(self, problem, params, key):
     super().init(problem, params, key)
     if self.feedback_init == "copy":
       return jax.tree.map(jnp.array, params)
+    if self.feedback_init == "unit_norm":
+      return cs.unit_norm_like(params, key)
     if self.feedback_init != "random":
-      raise ValueError(f"feedback_init must be 'random' or 'copy', got {self.feedback_init!r}")
+      raise ValueError(f"feedback_init must be 'random', 'copy' or 'unit_norm', got "
+                       f"{self.feedback_init!r}")
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, max(len(leaves), 1))
     # Independent random feedback of the same scale as each forward leaf.
