@@ -125,3 +125,47 @@ def test_paper_defaults_same_steady_state():
     assert bool(jnp.all(est.stats["controlled/converged"]))
   err = lambda est: zoo.rel_err(zoo.flat(est.grads), zoo.flat(tight.grads))
   assert err(newton) < max(10 * err(relaxed), 1e-6), (err(newton), err(relaxed))
+
+
+@pytest.mark.parametrize("name", ["tanh_rnn", "layered_net"])
+def test_ebd_with_di_dynamics_reaches_the_ebd_steady_state(name):
+  """lcp_ebd(dynamics='dynamic_inversion'): the same update as the energy flow."""
+  options = dict(alpha=0.05, free=zoo.TIGHT_FREE, controlled=zoo.TIGHT_CONTROLLED)
+  energy = zoo.solver_estimate(_zoo(name), "lcp_ebd", **options)
+  via_di = zoo.solver_estimate(_zoo(name), "lcp_ebd", dynamics="dynamic_inversion",
+                               **options)
+  assert bool(jnp.all(via_di.stats["controlled/converged"]))
+  np.testing.assert_allclose(zoo.flat(via_di.grads), zoo.flat(energy.grads), rtol=1e-7,
+                             atol=1e-11)
+  with pytest.raises(ValueError, match="dynamics"):
+    zoo.solver_estimate(_zoo(name), "lcp_ebd", dynamics="adam")
+
+
+def test_controlled_start_from_zeros_reaches_the_same_steady_state():
+  options = dict(alpha=0.05, free=zoo.TIGHT_FREE, controlled=zoo.TIGHT_CONTROLLED)
+  free = zoo.solver_estimate(_zoo("tanh_rnn"), "lcp_di", **options)
+  zeros = zoo.solver_estimate(_zoo("tanh_rnn"), "lcp_di", controlled_start="zeros", **options)
+  np.testing.assert_allclose(zoo.flat(zeros.grads), zoo.flat(free.grads), rtol=1e-7)
+
+
+def test_unit_norm_feedback_init():
+  problem, params, _ = _zoo("tanh_rnn")
+  solver = solvers.get_solver("lcp_kp", feedback_init="unit_norm")
+  feedback = solver.init(problem, params, jax.random.key(3))
+  np.testing.assert_allclose(jnp.linalg.norm(feedback["W"]), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(jnp.linalg.norm(feedback["U"]), 1.0, rtol=1e-6)
+
+
+def test_clip_each_group_clips_params_and_solver_params_separately():
+  import optax  # noqa: PLC0415
+  from bilevel import optim  # noqa: PLC0415
+  grads = ({"w": jnp.array([3.0, 4.0])}, {"b": jnp.array([0.0, 0.5])})
+  opt = optim.make_optimizer({"name": "sgd", "learning_rate": 1.0, "clip_norm": 1.0,
+                              "clip_groups": "separate"}, 10, 10)
+  updates, _ = opt.update(grads, opt.init(grads), grads)
+  np.testing.assert_allclose(updates[0]["w"], [-0.6, -0.8], rtol=1e-6)
+  np.testing.assert_allclose(updates[1]["b"], [0.0, -0.5], rtol=1e-6)  # below the norm
+  joint = optim.make_optimizer({"name": "sgd", "learning_rate": 1.0, "clip_norm": 1.0},
+                               10, 10)
+  updates, _ = joint.update(grads, joint.init(grads), grads)
+  assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-6)
