@@ -169,3 +169,26 @@ def test_clip_each_group_clips_params_and_solver_params_separately():
                                10, 10)
   updates, _ = joint.update(grads, joint.init(grads), grads)
   assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("net", ["ff", "rnn"])
+def test_mnist_presets_state_the_authors_problem(net):
+  from bilevel import config as cfglib  # noqa: PLC0415
+  paper, authors, normalized = (cfglib.load(f"mnist_{net}:{p}")
+                                for p in ("paper", "authors", "paper_normalized"))
+  for c in (paper, authors):
+    cfglib.validate(c)
+    assert c.problem_options.normalize is False
+    assert c.optimizer.get("clip_groups", "joint") == ("separate" if net == "rnn" else "joint")
+    assert c.solvers.lcp_di.free.rtol == 1e-6 and c.solvers.lcp_di.controlled.rtol == 1e-6
+  assert normalized.problem_options.normalize is True
+  assert cfglib.to_dict(normalized) == cfglib.to_dict(cfglib.load(f"mnist_{net}"))
+  ebd = solvers.get_solver("lcp_ebd", **cfglib.to_dict(paper.solvers.lcp_ebd))
+  assert ebd.dynamics == "dynamic_inversion" and ebd.controlled.rtol == 1e-6
+  di = solvers.get_solver("lcp_di", **cfglib.to_dict(authors.solvers.lcp_di))
+  assert di.controlled_start == "zeros" and di.k_i == 1.0
+  kp = solvers.get_solver("lcp_kp", **cfglib.to_dict(authors.solvers.lcp_kp))
+  assert kp.feedback_init == "unit_norm"
+  ebd = solvers.get_solver("lcp_ebd", **cfglib.to_dict(authors.solvers.lcp_ebd))
+  assert ebd.controlled.rtol == 0.0  # a fixed number of Adam steps, as theirs
+  assert ebd.controlled_start == ("free" if net == "rnn" else "zeros")
