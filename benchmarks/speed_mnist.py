@@ -222,7 +222,9 @@ def report(rows: dict, args, argv) -> str:
            "fixed-point iterations per step (trip counts, max over the batch, summed over "
            "phases; Newton route: field evaluations + JVPs; LF: + the noisy Q-rule steps); "
            "ms/iter = wall / iters; floor = one Euler step of the same controlled field "
-           "in one fused XLA loop, same process; ratio = ms/iter / floor. Authors: their "
+           "in one fused XLA loop, same process; ratio = ms/iter / floor (iters mix free "
+           "steps, cheaper than a controlled one, so the ratio can fall below 1; LF's "
+           "noisy Q-rule steps differ from its floor step). Authors: their "
            "PyTorch code on a 2-core AVX2 CPU, from issue 13 (not re-measured); "
            "speed-up = authors / ours.", "",
            "| net | circuit | preset | wall / step | CPU / step | iters | ms / iter | "
@@ -247,9 +249,11 @@ def report(rows: dict, args, argv) -> str:
       lines.append(f"- `{preset or 'none'}`: wall {di['wall'] / rbp['wall']:.2f}x, CPU "
                    f"{di['cpu'] / rbp['cpu']:.2f}x ({_ms(di['wall'])} vs {_ms(rbp['wall'])})")
   if args.hlo:
-    lines += ["", "## HLO ops per loop body (compiled, this backend)", ""]
+    lines += ["", "## HLO ops per loop body (compiled, this backend)", "",
+              "Top-level instructions of each while body (free, then controlled / "
+              "adjoint); on GPU each fusion is about one kernel launch.", ""]
     for (net, preset, name), r in sorted(rows.items()):
-      bodies = ", ".join(f"{b['ops']} ops / {b['fusions']} fusions / {b['dots']} dots"
+      bodies = ", ".join(f"{b['ops']} ops / {b['fusions']} fusions"
                          for b in r.get("engine_ops", []))
       lines.append(f"- {net} {name} `{preset or 'none'}`: fused floor body "
                    f"{r.get('floor_ops', '--')} ops; solver while bodies: {bodies}")
