@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import jax
 
+from bilevel import controlled_solve as cs
 from bilevel import fixed_point as fp
 from bilevel import tree as tu
 from bilevel.problem import BilevelProblem
@@ -145,8 +146,22 @@ class LeastControl(Solver):
   # at dt = 1 can oscillate or blow up, Anderson acceleration settles them.
   controlled: Relaxation = Relaxation(strategy=fp.Anderson(dt=0.5, memory=5), rtol=1e-6,
                                       max_steps=800)
+  # How the controlled steady state is found: "relaxation" integrates the
+  # dynamics with `controlled`; "newton" (or {"method": "newton", ...}) solves
+  # F(z) = 0 for the same steady state, to `controlled`'s tolerance and budget
+  # (bilevel/controlled_solve.py).
+  controlled_solve: Any = "relaxation"
+  # Where the controlled phase starts: "free" (the free equilibrium) or "zeros"
+  # (problem.init_state, as in the paper authors' code).
+  controlled_start: str = "free"
 
   def __post_init__(self):
+    # A hashable route object (solvers are jit/lru_cache keys).
+    object.__setattr__(self, "controlled_solve",
+                       cs.make_route(self.controlled_solve) or "relaxation")
+    if self.controlled_start not in ("free", "zeros"):
+      raise ValueError(f"controlled_start must be 'free' or 'zeros', got "
+                       f"{self.controlled_start!r}")
     if self.alpha < 0 or self.k_i <= 0 or self.k_p < 0:
       raise ValueError(f"{self.name}: need alpha >= 0, k_i > 0 and k_p >= 0; got "
                        f"alpha={self.alpha}, k_i={self.k_i}, k_p={self.k_p}")
@@ -181,8 +196,11 @@ class LeastControl(Solver):
     """Per-example controlled equilibria, psi* and ||f(phi*) + psi*|| (eq. 3)."""
 
     def one(phi, example):
-      res = self.controlled.solve(self.field(problem, params, solver_params, example),
-                                  self.initial_state(problem, phi, example))
+      if self.controlled_start == "zeros":
+        phi = problem.init_state(params, example)
+      res = cs.solve_controlled(cs.make_route(self.controlled_solve), self.controlled,
+                                self.field(problem, params, solver_params, example),
+                                self.initial_state(problem, phi, example))
       psi = self.control(problem, params, solver_params, res.value, example)
       violation = tu.tree_norm(tu.tree_add(problem.f(params, res.value.phi, example), psi))
       return res, psi, violation

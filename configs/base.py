@@ -54,6 +54,9 @@ OPTIMIZER_SCHEMA: dict = {
     "decay_every_epochs": (_INT, lambda v: v > 0, "> 0"),
     "decay_factor": (_NUM, lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "clip_norm": (_NUM, lambda v: v >= 0, ">= 0 (0 = off)"),
+    # "joint": one global norm over (params, solver_params); "separate": each
+    # clipped to clip_norm on its own (the paper authors' two clips).
+    "clip_groups": ((str,), lambda v: v in ("joint", "separate"), "'joint' or 'separate'"),
     "weight_decay": (_NUM, lambda v: v >= 0, ">= 0"),
     "polyak_start_epoch": (_INT, lambda v: v >= -1, ">= -1 (-1 = off)"),
     "polyak_decay": (_NUM, lambda v: 0.0 <= v < 1.0,
@@ -65,7 +68,8 @@ OPTIMIZER_SCHEMA: dict = {
                 "a ConfigDict of extra optax keyword arguments"),
 }
 # Optimizer keys a config may omit (their value when omitted); may be None.
-OPTIONAL_OPTIMIZER = {"momentum": None, "nesterov": False, "options": None}
+OPTIONAL_OPTIMIZER = {"momentum": None, "nesterov": False, "options": None,
+                      "clip_groups": "joint"}
 
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:

@@ -65,7 +65,9 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int,
   wd = float(cfg.get("weight_decay", 0.0))
   chain = []
   if float(cfg.get("clip_norm", 0.0)) > 0:
-    chain.append(optax.clip_by_global_norm(float(cfg["clip_norm"])))
+    clip = optax.clip_by_global_norm(float(cfg["clip_norm"]))
+    chain.append(clip_each_group(clip) if cfg.get("clip_groups", "joint") == "separate"
+                 else clip)
   if wd > 0:
     if "weight_decay" in accepted:
       kwargs["weight_decay"] = wd
@@ -77,6 +79,16 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int,
     raise ValueError(f"optax.{name} rejected its options {sorted(kwargs)}: {e}; fix "
                      "config.optimizer") from e
   return optax.chain(*chain) if len(chain) > 1 else chain[0]
+
+
+def clip_each_group(clip: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``clip`` applied on its own to each element of the (params, solver_params)
+  tuple the train step optimises (stateless clips only)."""
+
+  def update(updates, state, params=None):
+    return tuple(clip.update(g, optax.EmptyState())[0] for g in updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 class Averaged(NamedTuple):

@@ -10,7 +10,7 @@ in :mod:`bilevel.solver`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 from bilevel.relaxation import Relaxation, relaxation_from_config
 from bilevel.solver import GradientEstimate, PhaseStats, Solver

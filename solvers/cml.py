@@ -29,7 +29,6 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 
 from bilevel import tree as tu
 from bilevel.fixed_point import FixedPointResult
