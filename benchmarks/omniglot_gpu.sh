@@ -11,13 +11,15 @@
 #
 # Environment (defaults in brackets):
 #   OUT [/tmp/omniglot_gpu]  results folder
-#   BOX [75]                 seconds per solver / variant
+#   BOX [60]                 seconds per solver / variant (worst case: 13 x BOX + PROFILE_BOX)
 #   SOLVERS [lcp cml imaml rbp fomaml t1t2 reptile bp]
 #   REPS [3]                 timed meta-steps per solver after the compiling one (median)
-#   VARIANTS [1]             also time lcp with conv_impl=lax, steps_per_check=10, and XLA
-#                            command buffers for while loops (device-side loop conditions)
+#   VARIANTS [1]             also time lcp with conv_impl=lax (cuDNN, no im2col copies),
+#                            TF32 forced / full FP32 (an LCP or CML meta-step is ~64 TFLOP,
+#                            see benchmarks/results/omniglot_profile.md), steps_per_check=10,
+#                            and XLA command buffers for while loops (device-side conditions)
 #   PROFILE [1]              inner-step cost grid + meta-step split at meta-batch 16
-#                            (PROFILE_BOX [240] s)
+#                            (PROFILE_BOX [180] s)
 #   STEPS [0]                > 0: also train lcp and cml for STEPS meta-steps and meta-test
 #                            them (the old Table 3 signal; 170 s box each)
 #
@@ -29,12 +31,12 @@
 #   runs/, table3_gpu.md         (STEPS > 0)
 set -u
 OUT=${OUT:-/tmp/omniglot_gpu}
-BOX=${BOX:-75}
+BOX=${BOX:-60}
 SOLVERS=${SOLVERS:-"lcp cml imaml rbp fomaml t1t2 reptile bp"}
 REPS=${REPS:-3}
 VARIANTS=${VARIANTS:-1}
 PROFILE=${PROFILE:-1}
-PROFILE_BOX=${PROFILE_BOX:-240}
+PROFILE_BOX=${PROFILE_BOX:-180}
 STEPS=${STEPS:-0}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -60,6 +62,8 @@ meta() {
 for s in $SOLVERS; do meta "$s" --solvers "$s"; done
 if [ "$VARIANTS" = 1 ]; then
   meta lcp_lax --solvers lcp --conv_impl lax
+  JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32 meta lcp_tf32 --solvers lcp
+  JAX_DEFAULT_MATMUL_PRECISION=float32 meta lcp_fp32 --solvers lcp
   meta lcp_spc10 --solvers lcp --steps_per_check 10
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
     meta lcp_cmdbuf --solvers lcp
