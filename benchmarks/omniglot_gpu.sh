@@ -20,6 +20,8 @@
 #                            and XLA command buffers for while loops (device-side conditions)
 #   PROFILE [1]              inner-step cost grid + meta-step split at meta-batch 16
 #                            (PROFILE_BOX [180] s)
+#   META_ARGS []             extra arguments for every meta-step run (e.g. "--batch_size 1"
+#                            for a CPU smoke test of this script)
 #   STEPS [0]                > 0: also train lcp and cml for STEPS meta-steps and meta-test
 #                            them (the old Table 3 signal; 170 s box each)
 #
@@ -55,7 +57,7 @@ fi
 meta() {
   local name=$1; shift
   timeout -k 10 "$BOX" $PY -m benchmarks.speed_omniglot --parts meta --scale paper \
-    --reps "$REPS" --out "$OUT/meta_$name.md" "$@" > "$OUT/meta_$name.log" 2>&1
+    --reps "$REPS" --out "$OUT/meta_$name.md" ${META_ARGS:-} "$@" > "$OUT/meta_$name.log" 2>&1
   echo "meta $name: exit $? ($(date +%T))" | tee -a "$OUT/devices.txt"
 }
 
