@@ -23,11 +23,12 @@ control of phi, eqs. 17-18), ``imaml`` (CG on ``I + Hessian/lambda``),
 and ``bp`` (backprop through the unrolled inner loop, i.e. MAML with the
 proximal term).
 
-Data (:mod:`problems.datasets.omniglot`): Vinyals splits with rotations as
-extra classes, 28x28, N-way K-shot tasks with ``n_query`` query images per
-class; training meta-batches are a pure function of ``(config.seed, step)``,
-the evaluation tasks a pure function of ``problem_options.eval_seed`` (so every
-solver and seed is scored on the same tasks).
+Data (:mod:`problems.datasets.omniglot`): ``problem_options.protocol``
+"vinyals" (Vinyals splits, rotations as extra classes) or "cml" (the CML recipe),
+28x28, N-way K-shot tasks with ``n_query`` query images per class; training
+meta-batches are a pure function of ``(config.seed, step)``, the evaluation tasks
+a pure function of ``problem_options.eval_seed`` (so every solver and seed is
+scored on the same tasks).
 
 Evaluation (``Task.evaluate(params, solver)``): the solver's free relaxation
 (the meta-test inner loop, identical to training) on ``eval_tasks`` tasks of
@@ -59,7 +60,10 @@ DEFAULT_OPTIONS = dict(
     n_way=20, k_shot=1, n_query=15, image_size=28, channels=64, blocks=4,
     lam=0.5, learn_lambda=False, conv_impl="matmul", train_split="train",
     steps_per_epoch=125, eval_split="test", eval_tasks=600, eval_n_query=15,
-    eval_batch_size=20, eval_seed=1234, official_runs=True)
+    eval_batch_size=20, eval_seed=1234, official_runs=True,
+    # "vinyals" (rotated classes at meta-train and meta-test) or "cml" (background
+    # alphabets + rotations / unrotated evaluation alphabets): docs/omniglot_protocol.md.
+    protocol="vinyals")
 
 
 def _options(config: Any) -> dict:
@@ -139,8 +143,8 @@ def build(config: Any) -> Task:
       raise ValueError(f"problem_options.{key} must be >= 1, got {o[key]}")
   data_dir = config.get("data_dir", "") or None
   size = int(o["image_size"])
-  train_images, _ = omni.load_omniglot(o["train_split"], size, data_dir)
-  test_images, _ = omni.load_omniglot(o["eval_split"], size, data_dir)
+  train_images, _ = omni.load_omniglot(o["train_split"], size, data_dir, o["protocol"])
+  test_images, _ = omni.load_omniglot(o["eval_split"], size, data_dir, o["protocol"])
   n_way, k_shot = int(o["n_way"]), int(o["k_shot"])
   example = omni.sample_task(int(config.seed), train_images, n_way, k_shot, int(o["n_query"]))
   problem = make_problem(n_way, int(o["channels"]), int(o["blocks"]), float(o["lam"]),
@@ -159,7 +163,7 @@ def build(config: Any) -> Task:
   notes = []
   if o["official_runs"]:
     if n_way == 20 and k_shot == 1:
-      official = omni.official_one_shot_runs(size, data_dir)
+      official = omni.official_one_shot_runs(size, data_dir, o["protocol"])
     else:
       notes.append("official one-shot runs skipped (they are 20-way 1-shot)")
   eval_tasks = jax.tree.map(lambda *parts: np.concatenate(parts), *eval_batches)

@@ -202,6 +202,81 @@ def test_official_one_shot_runs():
     np.testing.assert_array_equal(runs["support_x"][..., 0] * 255, flat[meta["run_train_idx"]].astype(np.float32))
 
 
+# ------------------------------------------------------------------- Omniglot, CML protocol
+
+
+@pytest.fixture(scope="module")
+def omni_cml():
+    return ds.load_omniglot("train", protocol="cml"), ds.load_omniglot("test", protocol="cml")
+
+
+def _native_ink(flat_index: int) -> np.ndarray:
+    """Image ``flat_index`` of omniglot.npz at 105x105, ink = 255 (uint8)."""
+    with np.load(omni_mod.SHIPPED_DIR / "omniglot.npz") as d:
+        bits = np.unpackbits(d["images_packed"][flat_index], axis=-1, count=105)
+    return ((1 - bits) * 255).astype(np.uint8)
+
+
+def test_omniglot_cml_classes_and_disjoint_alphabets(omni_cml):
+    (xtr, ntr), (xte, nte) = omni_cml
+    assert xtr.shape == (3856, 20, 28, 28) and xte.shape == (659, 20, 28, 28)
+    assert xtr.dtype == np.float32 and len(set(ntr)) == 3856 and len(set(nte)) == 659
+    # Meta-test: unrotated. Meta-train: every character in all four rotations.
+    assert all(n.endswith("/rot000") for n in nte)
+    chars_tr = {n.rsplit("/", 1)[0] for n in ntr}
+    assert len(chars_tr) == 964
+    assert sorted(n.rsplit("/", 1)[1] for n in ntr) == sorted(["rot000", "rot090", "rot180", "rot270"] * 964)
+    # Alphabets: the 30 background ones for meta-train, the 20 evaluation ones for meta-test.
+    meta = ds.load_omniglot_metadata()
+    names = meta["alphabet_names"]
+    alpha_tr, alpha_te = {n.split("/")[0] for n in ntr}, {n.split("/")[0] for n in nte}
+    assert alpha_tr == {str(a) for a in names[np.unique(meta["alphabet"][meta["background"]])]}
+    assert alpha_te == {str(a) for a in names[np.unique(meta["alphabet"][~meta["background"]])]}
+    assert len(alpha_tr) == 30 and len(alpha_te) == 20 and not alpha_tr & alpha_te
+    assert 0.0 <= xte.min() and xte.max() <= 1.0 and 0.02 < float(xte.mean()) < 0.2
+
+
+def test_omniglot_cml_pixels_bilinear_rotate_then_resize(omni_cml):
+    (xtr, ntr), (xte, nte) = omni_cml
+    meta = ds.load_omniglot_metadata()
+
+    def flat(alphabet: str, char: int, drawer: int) -> int:
+        a = list(meta["alphabet_names"]).index(alphabet)
+        sel = (meta["alphabet"] == a) & (meta["char_in_alphabet"] == char - 1) & (meta["drawer"] == drawer)
+        return int(np.flatnonzero(sel)[0])
+
+    def bilinear(img: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((28, 28), Image.BILINEAR)) / 255.0
+
+    ink = _native_ink(flat("Angelic", 1, 5))
+    np.testing.assert_allclose(xte[nte.index("Angelic/character01/rot000"), 5], bilinear(ink), atol=1e-7)
+    train_alpha = ntr[0].split("/")[0]
+    ink = _native_ink(flat(train_alpha, 3, 7))
+    for k, deg in ((0, "000"), (1, "090"), (2, "180"), (3, "270")):
+        got = xtr[ntr.index(f"{train_alpha}/character03/rot{deg}"), 7]
+        # Rotated at 105x105 (counter-clockwise, like PIL's rotate), then resized.
+        np.testing.assert_allclose(got, bilinear(np.rot90(ink, k)), atol=1e-7)
+
+
+def test_omniglot_cml_protocol_errors_and_sampling(omni_cml):
+    for split in ("val", "trainval"):
+        with pytest.raises(ValueError, match="no meta-validation"):
+            ds.load_omniglot(split, protocol="cml")
+    with pytest.raises(ValueError, match="protocol"):
+        ds.load_omniglot("train", protocol="maml")
+    _, (xte, _) = omni_cml
+    a = ds.sample_meta_batch(1234, 0, xte, 4, 20, 1, 15)
+    b = ds.sample_meta_batch(1234, 0, xte, 4, 20, 1, 15)
+    assert a["support_x"].shape == (4, 20, 28, 28, 1) and a["query_x"].shape == (4, 300, 28, 28, 1)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    runs = ds.official_one_shot_runs(protocol="cml")  # same pixels as the CML meta-test
+    assert runs["support_x"].shape == (20, 20, 28, 28, 1)
+    k = int(ds.load_omniglot_metadata()["run_train_idx"][0, 0])
+    want = np.asarray(Image.fromarray(_native_ink(k)).resize((28, 28), Image.BILINEAR)) / 255.0
+    np.testing.assert_allclose(runs["support_x"][0, 0, ..., 0], want, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------ CIFAR-10
 
 

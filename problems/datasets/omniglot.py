@@ -1,6 +1,9 @@
-"""Omniglot with the pinned Vinyals et al. (2016) few-shot protocol.
+"""Omniglot few-shot data: the pinned Vinyals et al. (2016) protocol, or the CML recipe.
 
-Protocol (pinned; change only with a version note):
+Two protocols (``protocol=`` of :func:`load_omniglot`; both pinned, change only with a
+version note). ``"vinyals"`` (the default) is described first; ``"cml"`` after it.
+
+Protocol ``"vinyals"``:
 
 * Classes: one class per line of ``files/omniglot_vinyals_splits/{split}.txt``
   (``Alphabet/characterNN/rotDDD``), i.e. every character four times, rotated by
@@ -20,6 +23,21 @@ Protocol (pinned; change only with a version note):
   the first ``k_shot`` are support, the rest query. Layout is class-major:
   ``support_y = [0]*k_shot + [1]*k_shot + ...``, ``query_y = [0]*n_query + ...``.
   Images get a trailing channel axis: ``[..., H, W, 1]``.
+
+Protocol ``"cml"`` (the recipe behind the CML / LCP Omniglot numbers; sources with
+file:line references in ``docs/omniglot_protocol.md``):
+
+* Classes: split by alphabet, no meta-validation split. ``train`` = the 964 characters
+  of the 30 *background* alphabets, each also rotated by 90, 180 and 270 degrees as new
+  classes (3856 classes: the 964 unrotated ones, then the 964 rotated by 90, ...).
+  ``test`` = the 659 characters of the 20 *evaluation* alphabets, **unrotated**
+  (659 classes). 'val' and 'trainval' do not exist (ValueError).
+* Pixels: ink = 1.0, background = 0.0, as above; but resized with PIL **BILINEAR**
+  (torchvision ``Resize``'s default, antialiased by PIL when shrinking), and rotated
+  *before* resizing (the recipe's order: class augmentation, then ``Resize``). Bilinear
+  resizing does not commute exactly with ``rot90`` (off by one grey level in places),
+  so the rotated classes are resized from rotated 105x105 images.
+* Tasks: the same samplers and layout as above.
 
 The 20 official one-shot runs (Lake et al. 2015) are available through
 :func:`official_one_shot_runs`; they come from the evaluation alphabets, use unrotated
@@ -43,6 +61,8 @@ from .sampling import TAG_META_BATCH, TAG_TASK, make_rng
 
 __all__ = [
     "SPLITS",
+    "PROTOCOLS",
+    "CML_SPLITS",
     "load_omniglot",
     "load_omniglot_metadata",
     "sample_task",
@@ -51,6 +71,11 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test", "trainval")
+PROTOCOLS = ("vinyals", "cml")
+CML_SPLITS = ("train", "test")
+# Resize filter per protocol: the pinned Vinyals pipeline uses LANCZOS; the CML recipe
+# uses torchvision Resize's default (PIL BILINEAR).
+_RESAMPLE = {"vinyals": Image.LANCZOS, "cml": Image.BILINEAR}
 NATIVE_SIZE = 105
 N_DRAWERS = 20
 _SPLITS_SUBDIR = "omniglot_vinyals_splits"
@@ -86,28 +111,38 @@ def load_omniglot_metadata(data_dir: str | os.PathLike | None = None) -> dict[st
     return _metadata(_npz_path(data_dir))
 
 
-def _resize_chunk(ink: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 [n, 105, 105] (ink 255) -> uint8 [n, S, S] with PIL LANCZOS."""
+def _resize_chunk(ink: np.ndarray, image_size: int, resample: int = Image.LANCZOS) -> np.ndarray:
+    """uint8 [n, 105, 105] (ink 255) -> uint8 [n, S, S] with PIL ``resample``."""
     out = np.empty((len(ink), image_size, image_size), np.uint8)
     size = (image_size, image_size)
     for i, img in enumerate(ink):  # PIL has no batched resize
-        out[i] = np.asarray(Image.fromarray(img).resize(size, Image.LANCZOS))
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size, resample))
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _all_images_uint8(npz_path: Path, image_size: int) -> np.ndarray:
-    """Every image, unrotated, ink = 255: uint8 ``[1623, 20, S, S]`` (read-only, cached)."""
+def _images_uint8(
+    npz_path: Path, image_size: int, resample: int, quarter_turns: int, chars: np.ndarray
+) -> np.ndarray:
+    """Images of characters ``chars``, ink = 255, rotated by ``quarter_turns`` x 90 degrees
+    counter-clockwise at 105x105 and then resized: uint8 ``[len(chars), 20, S, S]``."""
     with np.load(npz_path, allow_pickle=False) as d:
         packed = d["images_packed"]
-    n = len(packed)
-    out = np.empty((n, image_size, image_size), np.uint8)
-    for s in range(0, n, _CHUNK):
+    idx = (np.asarray(chars, np.int64)[:, None] * N_DRAWERS + np.arange(N_DRAWERS)).ravel()
+    out = np.empty((len(idx), image_size, image_size), np.uint8)
+    for s in range(0, len(idx), _CHUNK):
         # Invert while still packed: bit 1 = ink afterwards.
-        ink = np.unpackbits(~packed[s : s + _CHUNK], axis=-1, count=NATIVE_SIZE)
+        ink = np.unpackbits(~packed[idx[s : s + _CHUNK]], axis=-1, count=NATIVE_SIZE)
         ink *= np.uint8(255)
-        out[s : s + _CHUNK] = ink if image_size == NATIVE_SIZE else _resize_chunk(ink, image_size)
-    out = out.reshape(n // N_DRAWERS, N_DRAWERS, image_size, image_size)
+        ink = np.rot90(ink, k=quarter_turns, axes=(-2, -1))
+        out[s : s + _CHUNK] = ink if image_size == NATIVE_SIZE else _resize_chunk(ink, image_size, resample)
+    return out.reshape(len(chars), N_DRAWERS, image_size, image_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _all_images_uint8(npz_path: Path, image_size: int, resample: int = Image.LANCZOS) -> np.ndarray:
+    """Every image, unrotated, ink = 255: uint8 ``[1623, 20, S, S]`` (read-only, cached)."""
+    n_chars = len(_metadata(npz_path)["char_id"]) // N_DRAWERS
+    out = _images_uint8(npz_path, image_size, int(resample), 0, np.arange(n_chars))
     out.flags.writeable = False
     return out
 
@@ -141,7 +176,7 @@ def _parse_split(npz_path: Path, split: str) -> tuple[list[str], np.ndarray, np.
 @functools.lru_cache(maxsize=4)
 def _split_uint8(npz_path: Path, split: str, image_size: int) -> tuple[np.ndarray, tuple[str, ...]]:
     names, chars, rots = _parse_split(npz_path, split)
-    base = _all_images_uint8(npz_path, image_size)
+    base = _all_images_uint8(npz_path, image_size, _RESAMPLE["vinyals"])
     out = np.empty((len(names), N_DRAWERS, image_size, image_size), np.uint8)
     for k in range(4):
         sel = np.flatnonzero(rots == k)
@@ -150,24 +185,69 @@ def _split_uint8(npz_path: Path, split: str, image_size: int) -> tuple[np.ndarra
     return out, tuple(names)
 
 
-def load_omniglot(
-    split: str = "train", image_size: int = 28, data_dir: str | os.PathLike | None = None
-) -> tuple[np.ndarray, list[str]]:
-    """Omniglot Vinyals ``split`` ('train', 'val', 'test', 'trainval'), rotations as extra classes.
+@functools.lru_cache(maxsize=2)
+def _cml_split_uint8(npz_path: Path, split: str, image_size: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The CML recipe's split: background alphabets x 4 rotations, or evaluation unrotated."""
+    meta = _metadata(npz_path)
+    first = np.flatnonzero(meta["drawer"] == 0)  # one row per character, in char_id order
+    background = meta["background"][first]
+    chars = meta["char_id"][first][background if split == "train" else ~background].astype(np.int64)
+    alphabets = meta["alphabet_names"][meta["alphabet"][first[chars]]]
+    numbers = meta["char_in_alphabet"][first[chars]].astype(np.int64) + 1
+    base = [f"{a}/character{n:02d}" for a, n in zip(alphabets, numbers)]
+    turns = range(4) if split == "train" else range(1)  # rotated classes at meta-train only
+    resample = _RESAMPLE["cml"]
+    blocks = [
+        _all_images_uint8(npz_path, image_size, resample)[chars]
+        if k == 0
+        else _images_uint8(npz_path, image_size, resample, k, chars)
+        for k in turns
+    ]
+    out = np.concatenate(blocks)
+    out.flags.writeable = False
+    return out, tuple(f"{b}/rot{90 * k:03d}" for k in turns for b in base)
 
-    Returns ``images`` float32 ``[C, 20, image_size, image_size]`` (classes x drawers;
-    ink = 1.0, background = 0.0; LANCZOS-resized as in the module docstring) and the
-    ``C`` class names (``Alphabet/characterNN/rotDDD``). C = 4112 / 688 / 1692 / 4800.
-    The resized images are cached in memory; the first call resizes all 32,460 images
-    (a few seconds). ``data_dir``: None reads the shipped files; otherwise a path to an
-    ``omniglot.npz`` or a folder holding one (split lists are read from
-    ``omniglot_vinyals_splits/`` next to it when present, else the shipped lists).
-    """
+
+def _check_args(split: str, image_size: int, protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "cml" and split not in CML_SPLITS:
+        raise ValueError(
+            f"protocol 'cml' has splits {CML_SPLITS} (background / evaluation alphabets) and no "
+            f"meta-validation split, got {split!r}"
+        )
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 1 <= image_size <= NATIVE_SIZE:
         raise ValueError(f"image_size must be in [1, {NATIVE_SIZE}], got {image_size}")
-    images, names = _split_uint8(_npz_path(data_dir), split, int(image_size))
+
+
+def load_omniglot(
+    split: str = "train",
+    image_size: int = 28,
+    data_dir: str | os.PathLike | None = None,
+    protocol: str = "vinyals",
+) -> tuple[np.ndarray, list[str]]:
+    """Omniglot ``split`` under ``protocol`` ('vinyals' or 'cml'; module docstring).
+
+    'vinyals': ``split`` in 'train', 'val', 'test', 'trainval', rotations as extra
+    classes everywhere; C = 4112 / 688 / 1692 / 4800; LANCZOS resize.
+    'cml': ``split`` in 'train' (30 background alphabets, rotations as extra classes,
+    C = 3856) or 'test' (20 evaluation alphabets, unrotated, C = 659); BILINEAR resize.
+
+    Returns ``images`` float32 ``[C, 20, image_size, image_size]`` (classes x drawers;
+    ink = 1.0, background = 0.0) and the ``C`` class names
+    (``Alphabet/characterNN/rotDDD``). The resized images are cached in memory; the first
+    call resizes all 32,460 images (a few seconds). ``data_dir``: None reads the shipped
+    files; otherwise a path to an ``omniglot.npz`` or a folder holding one (Vinyals split
+    lists are read from ``omniglot_vinyals_splits/`` next to it when present, else the
+    shipped lists).
+    """
+    _check_args(split, image_size, protocol)
+    if protocol == "cml":
+        images, names = _cml_split_uint8(_npz_path(data_dir), split, int(image_size))
+    else:
+        images, names = _split_uint8(_npz_path(data_dir), split, int(image_size))
     return images.astype(np.float32) / np.float32(255.0), list(names)
 
 
@@ -236,7 +316,7 @@ def sample_meta_batch(
 
 
 def official_one_shot_runs(
-    image_size: int = 28, data_dir: str | os.PathLike | None = None
+    image_size: int = 28, data_dir: str | os.PathLike | None = None, protocol: str = "vinyals"
 ) -> dict[str, np.ndarray]:
     """The 20 official 20-way one-shot runs of Lake et al. (2015) as 20 tasks.
 
@@ -244,13 +324,13 @@ def official_one_shot_runs(
     ``class01..class20`` in order), ``support_y`` int32 ``[20, 20]`` (= 0..19),
     ``query_x`` ``[20, 20, S, S, 1]`` (``item01..item20``), ``query_y`` int32 ``[20, 20]``
     (the correct training class, from ``class_labels.txt``). Evaluation alphabets,
-    unrotated, same pixel pipeline as :func:`load_omniglot`.
+    unrotated, same pixel pipeline as :func:`load_omniglot` under ``protocol``.
     """
-    if not 1 <= image_size <= NATIVE_SIZE:
-        raise ValueError(f"image_size must be in [1, {NATIVE_SIZE}], got {image_size}")
+    _check_args("test", image_size, protocol)
     npz_path = _npz_path(data_dir)
     meta = _metadata(npz_path)
-    flat = _all_images_uint8(npz_path, int(image_size)).reshape(-1, image_size, image_size)
+    flat = _all_images_uint8(npz_path, int(image_size), _RESAMPLE[protocol])
+    flat = flat.reshape(-1, image_size, image_size)
 
     def take(idx: np.ndarray) -> np.ndarray:
         return (flat[idx].astype(np.float32) / np.float32(255.0))[..., None]
