@@ -51,8 +51,12 @@ def module_name(root: Path, path: Path) -> str:
   return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(tree: ast.AST, module: str) -> list[tuple[str, bool]]:
-  """``(imported module, inside a function)`` for every import statement."""
+def imports(tree: ast.AST, module: str, is_package: bool = False
+            ) -> list[tuple[str, bool]]:
+  """``(imported module, inside a function)`` for every import statement.
+
+  Relative imports resolve against the module's package: the module itself for
+  an ``__init__.py`` (``is_package``), else its parent."""
   out = []
   def visit(node, in_function):
     for child in ast.iter_child_nodes(node):
@@ -62,7 +66,9 @@ def imports(tree: ast.AST, module: str) -> list[tuple[str, bool]]:
       elif isinstance(child, ast.ImportFrom):
         base = child.module or ""
         if child.level:  # relative import
-          pkg = module.split(".")[:-child.level] if child.level else []
+          drop = child.level - 1 if is_package else child.level
+          parts = module.split(".")
+          pkg = parts[:len(parts) - drop]
           base = ".".join(pkg + ([base] if base else []))
         out.extend((f"{base}.{a.name}" if base else a.name, in_function)
                    for a in child.names)
@@ -107,7 +113,8 @@ def import_graph(root: Path) -> dict:
   upward, local, folder_graph, module_graph = [], [], {}, {}
   for mod, path in modules.items():
     src = mod.split(".")[0]
-    for name, in_function in imports(ast.parse(path.read_text()), mod):
+    for name, in_function in imports(ast.parse(path.read_text()), mod,
+                                     path.name == "__init__.py"):
       dst = name.split(".")[0]
       if dst not in LIBRARY:
         continue
