@@ -125,10 +125,11 @@ def _parse(preset: str | None) -> tuple[str, str, bool]:
 
 
 def _quick(c: ml_collections.ConfigDict, lam: float, net: str, weak: bool) -> None:
-  """Smoke test < 10 min on 2 cores: 16 channels, 5 query images per class (not 1)."""
-  c.problem_options.update(dict(channels=16, n_query=5, eval_n_query=5, eval_tasks=100,
+  """Smoke test < 10 min on 2 cores: 16 channels, 2 query images per class (was 1; the
+  strong-control phase costs ~ its image count, so 5 would overrun the budget)."""
+  c.problem_options.update(dict(channels=16, n_query=2, eval_n_query=5, eval_tasks=100,
                                 eval_batch_size=20, steps_per_epoch=25))
-  steps = SMOOTH_FREE_STEPS["quick"] if net == "smooth" else 100
+  steps = SMOOTH_FREE_STEPS["quick"] if net == "smooth" else 50
   c.solvers = _solvers(lr=0.01, free_steps=steps, phase_steps=25, lam=lam, rtol=1e-4,
                        spc=5, cg_steps=5, net=net, weak_lcp=weak)
   c.batch_size = 4
