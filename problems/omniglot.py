@@ -60,7 +60,7 @@ DEFAULT_OPTIONS = dict(
     n_way=20, k_shot=1, n_query=15, image_size=28, channels=64, blocks=4,
     lam=0.5, learn_lambda=False, conv_impl="matmul", train_split="train",
     steps_per_epoch=125, eval_split="test", eval_tasks=600, eval_n_query=15,
-    eval_batch_size=20, eval_seed=1234, official_runs=True,
+    eval_batch_size=20, eval_seed=1234, official_runs=True, net="maxpool",
     # "vinyals" (rotated classes at meta-train and meta-test) or "cml" (background
     # alphabets + rotations / unrotated evaluation alphabets): docs/omniglot_protocol.md.
     protocol="vinyals")
@@ -82,15 +82,21 @@ def slow_weights(params: PyTree, learn_lambda: bool) -> PyTree:
 
 def make_problem(n_way: int = 20, channels: int = 64, blocks: int = 4, lam: float = 0.5,
                  learn_lambda: bool = False, conv_impl: str = "matmul",
-                 example: PyTree = None) -> BilevelProblem:
+                 example: PyTree = None, net: str = "maxpool") -> BilevelProblem:
   """The complex-synapse problem of eq. 16 on the conv-4 net (for one task).
+
+  ``net`` picks the conv-4 variant (:data:`problems.convnet.NETS`): ``"maxpool"``
+  (the paper's; E is not differentiable at the ReLU / max-pool kinks) or
+  ``"smooth"`` (softplus + average pool; E smooth, so phi* with grad E = 0 exists
+  and is reached).
 
   A task is ``{"support_x" [n_way*k_shot, S, S, 1], "support_y" int [n_way*k_shot],
   "query_x" [n_way*n_query, S, S, 1], "query_y" int [n_way*n_query]}``.
   """
   if lam <= 0:
     raise ValueError(f"lam must be positive (the complex synapse's strength), got {lam}")
-  net = convnet.make_convnet(n_way, channels, blocks, conv_impl)
+  net_name = net
+  net = convnet.make_convnet(n_way, channels, blocks, conv_impl, net_name)
 
   def strength(params):
     if learn_lambda:
@@ -124,7 +130,8 @@ def make_problem(n_way: int = 20, channels: int = 64, blocks: int = 4, lam: floa
   return BilevelProblem(
       energy=energy, loss=loss, init_state=lambda params, task: slow_weights(
           params, learn_lambda),
-      init_params=init_params, metrics=metrics, name="omniglot_complex_synapse",
+      init_params=init_params, metrics=metrics,
+      name="omniglot_complex_synapse" + ("_smooth" if net_name == "smooth" else ""),
       example=example)
 
 
@@ -148,7 +155,8 @@ def build(config: Any) -> Task:
   n_way, k_shot = int(o["n_way"]), int(o["k_shot"])
   example = omni.sample_task(int(config.seed), train_images, n_way, k_shot, int(o["n_query"]))
   problem = make_problem(n_way, int(o["channels"]), int(o["blocks"]), float(o["lam"]),
-                         bool(o["learn_lambda"]), o["conv_impl"], example=example)
+                         bool(o["learn_lambda"]), o["conv_impl"], example=example,
+                         net=str(o["net"]))
 
   def train_batch(step: int) -> dict:
     return omni.sample_meta_batch(int(config.seed), int(step), train_images,
@@ -160,7 +168,8 @@ def build(config: Any) -> Task:
                                          k_shot, int(o["eval_n_query"]))
                   for i in range(n_batches)]
   official = None
-  notes = []
+  notes = [f"conv-4 net {o['net']!r} (inner energy "
+           f"{'smooth' if o['net'] == 'smooth' else 'not smooth: ReLU/max-pool kinks'})"]
   if o["official_runs"]:
     if n_way == 20 and k_shot == 1:
       official = omni.official_one_shot_runs(size, data_dir, o["protocol"])
