@@ -38,6 +38,16 @@ def _ocp():
   return ocp
 
 
+def _item_metadata(path: Path) -> PyTree:
+  """The saved tree's array metadata (closing orbax's checkpointer and its threads:
+  one left open prints 'Event loop is closed' tracebacks at exit)."""
+  checkpointer = _ocp().StandardCheckpointer()
+  try:
+    return checkpointer.metadata(path).item_metadata
+  finally:
+    checkpointer.close()
+
+
 def _abstract(tree: PyTree) -> PyTree:
   def one(x):
     if isinstance(x, jax.Array):
@@ -112,8 +122,7 @@ class Checkpointer:
 
   def _metadata(self, step: int) -> dict:
     """``{path: shape}`` of the saved state (raises if the checkpoint is unreadable)."""
-    meta = _ocp().StandardCheckpointer().metadata(self.path(step) / "state").item_metadata
-    return shapes(meta)
+    return shapes(_item_metadata(self.path(step) / "state"))
 
   def restore(self, state_template: Any, average_template: Optional[Any],
               mismatch_is_corrupt: bool = False
@@ -143,7 +152,7 @@ class Checkpointer:
     for step in reversed(self.steps()):
       try:
         saved = self._metadata(step)
-        tree, host = _restore_any(lambda t, s=step: self._restore_step(s, t), saved,
+        tree, host = _restore_matching(lambda t, s=step: self._restore_step(s, t), saved,
                                   variants, self.path(step))
       except CheckpointMismatch as error:
         if not mismatch_is_corrupt:
@@ -195,18 +204,20 @@ def _key_name(k: Any) -> str:
 
 
 def shapes(tree: PyTree) -> dict:
-  """``{'a/b/0': shape}`` of a pytree of arrays or array metadata (PRNG keys: None)."""
+  """``{'a/b/0': shape}`` of a pytree of arrays or array metadata; a typed PRNG key
+  has the shape of its key data (as orbax saves it)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     dtype = getattr(leaf, "dtype", None)
-    typed_key = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    shape = getattr(leaf, "shape", None)
-    out["/".join(_key_name(k) for k in path)] = None if typed_key else tuple(shape or ())
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      leaf = jax.eval_shape(jax.random.key_data, leaf)
+    out["/".join(_key_name(k) for k in path)] = tuple(getattr(leaf, "shape", None) or ())
   return out
 
 
 def _signature(shape_map: dict) -> collections.Counter:
-  return collections.Counter(v for v in shape_map.values() if v is not None)
+  """The multiset of shapes (paths differ between orbax's metadata and the template)."""
+  return collections.Counter(shape_map.values())
 
 
 def _mismatch(saved: dict, variants: list, where: Path) -> CheckpointMismatch:
@@ -224,18 +235,13 @@ def _mismatch(saved: dict, variants: list, where: Path) -> CheckpointMismatch:
       f"builds ({detail}): the config changed in a way the run cannot resume")
 
 
-def _restore_any(restore: Callable, saved: dict, variants: list, where: Path):
-  """Restores with the template variant that matches the saved shapes (its error if
-  that fails: the files are unreadable); when none matches, tries each one and
-  raises CheckpointMismatch if all fail (a config change, not a corruption)."""
-  matching = [v for v in variants if _signature(shapes(v)) == _signature(saved)]
-  if matching:
-    return restore(matching[0])
+def _restore_matching(restore: Callable, saved: dict, variants: list, where: Path):
+  """Restores with the template variant whose shapes match the saved metadata (an
+  error then means unreadable files); CheckpointMismatch when none matches -- no
+  restore is tried (a failed orbax restore leaves threads that print tracebacks)."""
   for variant in variants:
-    try:
+    if _signature(shapes(variant)) == _signature(saved):
       return restore(variant)
-    except Exception:  # noqa: BLE001 -- a structure mismatch; decided below
-      continue
   raise _mismatch(saved, variants, where)
 
 
@@ -259,7 +265,7 @@ def load_params(workdir: os.PathLike | str, step: Optional[int] = None,
     step = steps[-1] if step is None else int(step)
     # Restore onto this process's first device, whatever topology saved it
     # (e.g. a multi-host run), from the shapes and dtypes in the metadata.
-    meta = ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata
+    meta = _item_metadata(directory / str(step) / "state")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           meta)
