@@ -6,7 +6,6 @@ and the mutable :class:`LoopState`."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import pickle
 import time
 import zipfile
@@ -131,12 +130,10 @@ def make_task(config: Any):
 
 
 def train_step_options(config: Any) -> dict:
-  """Keyword arguments of ``make_train_step`` from the config (``invalid_examples``
-  once ``bilevel.train`` offers it; 'stop' drops them and stops in :func:`flush`)."""
-  options = {"skip_nonfinite": config.on_nonfinite == "skip"}
-  if "invalid_examples" in inspect.signature(make_train_step).parameters:
-    options["invalid_examples"] = "keep" if config.on_invalid_examples == "keep" else "drop"
-  return options
+  """Keyword arguments of ``make_train_step`` from the config ('stop' drops the
+  invalid examples from the update and stops in :func:`launch.loop.flush`)."""
+  return {"skip_nonfinite": config.on_nonfinite == "skip",
+          "invalid_examples": "keep" if config.on_invalid_examples == "keep" else "drop"}
 
 
 def device_count(config: Any) -> int:
