@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import base
@@ -299,3 +300,16 @@ def test_declared_capabilities_are_the_real_ones():
       except ValueError:
         works = False
       assert declared == works, (spec, name)
+
+
+def test_clip_each_group_clips_params_and_solver_params_separately():
+  grads = ({"w": jnp.array([3.0, 4.0])}, {"b": jnp.array([0.0, 0.5])})
+  opt = optim.make_optimizer({"name": "sgd", "learning_rate": 1.0, "clip_norm": 1.0,
+                              "clip_groups": "separate"}, 10, 10)
+  updates, _ = opt.update(grads, opt.init(grads), grads)
+  np.testing.assert_allclose(updates[0]["w"], [-0.6, -0.8], rtol=1e-6)
+  np.testing.assert_allclose(updates[1]["b"], [0.0, -0.5], rtol=1e-6)  # below the norm
+  joint = optim.make_optimizer({"name": "sgd", "learning_rate": 1.0, "clip_norm": 1.0},
+                               10, 10)
+  updates, _ = joint.update(grads, joint.init(grads), grads)
+  assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-6)

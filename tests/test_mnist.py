@@ -20,6 +20,7 @@ import pytest
 import problems
 import solvers
 from launch import config as cfglib
+from launch import schema
 from problems.models import mnist
 from zoo import augmented_energy_value, exact_implicit_gradient
 
@@ -277,3 +278,25 @@ def test_task_data_and_evaluation():
     config.problem_options.hidden = 3
   with pytest.raises(ValueError, match="unknown problem_options"):
     problems.make_task(config)
+
+
+@pytest.mark.parametrize("net", ["ff", "rnn"])
+def test_mnist_presets_state_the_authors_problem(net):
+  paper, authors, normalized = (cfglib.load(f"mnist_{net}:{p}")
+                                for p in ("paper", "authors", "paper_normalized"))
+  for c in (paper, authors):
+    schema.validate(c)
+    assert c.problem_options.normalize is False
+    assert c.optimizer.get("clip_groups", "joint") == ("separate" if net == "rnn" else "joint")
+    assert c.solvers.lcp_di.free.rtol == 1e-6 and c.solvers.lcp_di.controlled.rtol == 1e-6
+  assert normalized.problem_options.normalize is True
+  assert schema.to_dict(normalized) == schema.to_dict(cfglib.load(f"mnist_{net}"))
+  ebd = solvers.get_solver("lcp_ebd", **schema.to_dict(paper.solvers.lcp_ebd))
+  assert ebd.dynamics == "dynamic_inversion" and ebd.controlled.rtol == 1e-6
+  di = solvers.get_solver("lcp_di", **schema.to_dict(authors.solvers.lcp_di))
+  assert di.controlled_start == "zeros" and di.k_i == 1.0
+  kp = solvers.get_solver("lcp_kp", **schema.to_dict(authors.solvers.lcp_kp))
+  assert kp.feedback_init == "unit_norm"
+  ebd = solvers.get_solver("lcp_ebd", **schema.to_dict(authors.solvers.lcp_ebd))
+  assert ebd.controlled.rtol == 0.0  # a fixed number of Adam steps, as theirs
+  assert ebd.controlled_start == ("free" if net == "rnn" else "zeros")
