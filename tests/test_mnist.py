@@ -232,8 +232,10 @@ def test_kolen_pollack_copy_init_equals_di():
   problem, params, batch = small("rnn")
   kp = tight("lcp_kp", alpha=0.5, k_i=2.0, weight_decay=0.0, feedback_init="copy")
   di = tight("lcp_di", alpha=0.5, k_i=2.0)
-  est = kp(problem, params, kp.init(problem, params, jax.random.key(0)), batch)
-  assert_tree_close(est.grads, di(problem, params, (), batch).grads, rtol=1e-8, atol=1e-12)
+  key = jax.random.key(0)
+  est = kp(problem, params, kp.init(problem, params, key), batch, key)
+  assert_tree_close(est.grads, di(problem, params, (), batch, key).grads, rtol=1e-8,
+                    atol=1e-12)
 
 
 # ----- Task and configs ---------------------------------------------------------------
