@@ -32,7 +32,7 @@ class RecurrentBackprop(Solver):
   name: ClassVar[str] = "rbp"
 
   adjoint_method: str = "fixed_point"
-  adjoint: Relaxation = Relaxation(rtol=1e-4, max_steps=200)
+  adjoint: Relaxation = Relaxation(rtol=1e-6, max_steps=200)
 
   def init(self, problem, params, key):
     if self.adjoint_method not in linear_solve.METHODS:
@@ -68,4 +68,4 @@ class ImplicitMAML(RecurrentBackprop):
   name: ClassVar[str] = "imaml"
   needs_energy: ClassVar[bool] = True
   adjoint_method: str = "cg"
-  adjoint: Relaxation = Relaxation(rtol=1e-5, max_steps=50)
+  adjoint: Relaxation = Relaxation(rtol=1e-6, max_steps=50)
