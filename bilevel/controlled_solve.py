@@ -151,15 +151,19 @@ class NewtonKrylov:
     return y, fy, n + 1
 
   def solve(self, field: fp.Field, z0: PyTree, *, rtol: float, atol: float = 0.0,
-            max_steps: Optional[int] = None) -> fp.FixedPointResult:
-    """Newton steps from ``z0`` until ``||F|| <= atol + rtol ||z||`` or the work
-    (evaluations + JVPs) passes ``max_steps`` (default ``max_work``)."""
+            max_steps: Optional[int] = None,
+            block_floor: float = fp.BLOCK_FLOOR) -> fp.FixedPointResult:
+    """Newton steps from ``z0`` until the engine's per-block rule holds
+    (:func:`bilevel.fixed_point.block_tolerance_check`) or the work (evaluations
+    + JVPs) passes ``max_steps`` (default ``max_work``)."""
     budget = self.max_work if max_steps is None else max_steps
     x0, unravel = ravel_pytree(z0)
     f = lambda x: ravel_pytree(field(unravel(x)))[0]
 
     def cond(s):
-      done = jnp.linalg.norm(s.fx) <= atol + rtol * jnp.linalg.norm(s.x)
+      done, _ = fp.block_tolerance_check(
+          fp.block_norms(unravel(s.fx)), fp.block_norms(unravel(s.x)), rtol=rtol,
+          atol=atol, block_floor=block_floor)
       finite = jnp.all(jnp.isfinite(s.fx)) & jnp.all(jnp.isfinite(s.x))
       return (s.evals < budget) & ~done & finite
 
@@ -169,8 +173,11 @@ class NewtonKrylov:
       x, fx, n = self._line_search(f, s.x, s.fx, dx)
       return _Newton(s.evals + k + n, x, fx)
 
-    s = jax.lax.while_loop(cond, body, _Newton(jnp.ones((), jnp.int32), x0, f(x0)))
-    return fp._result(unravel(s.x), unravel(s.fx), s.evals, rtol, atol)
+    fx0 = f(x0)
+    s = jax.lax.while_loop(cond, body, _Newton(jnp.ones((), jnp.int32), x0, fx0))
+    return fp.make_result(unravel(s.x), fp.block_norms(unravel(s.fx)),
+                          fp.block_norms(unravel(s.x)), s.evals, rtol=rtol, atol=atol,
+                          block_floor=block_floor, initial_residual=jnp.linalg.norm(fx0))
 
 
 ROUTES = ("relaxation", "newton")
@@ -196,12 +203,14 @@ def solve_controlled(route: Optional[NewtonKrylov], relaxation, field: fp.Field,
   if route is None:
     return relaxation.solve(field, z0)
   newton = route.solve(field, z0, rtol=relaxation.rtol, atol=relaxation.atol,
-                       max_steps=min(route.max_work, relaxation.max_steps))
+                       max_steps=min(route.max_work, relaxation.max_steps),
+                       block_floor=relaxation.block_floor)
   if not route.fallback:
     return newton
   # A converged example starts the relaxation at its solution, so it takes 0
   # steps there (vmapped while-loops run until every example is done).
   start = jax.tree.map(lambda a, b: jnp.where(newton.converged, a, b), newton.value, z0)
   relaxed = relaxation.solve(field, start)
-  return relaxed._replace(iterations=newton.iterations + relaxed.iterations)
+  return relaxed._replace(iterations=newton.iterations + relaxed.iterations,
+                          initial_residual=newton.initial_residual)
 

@@ -13,9 +13,27 @@ object, passed by argument) turns it into a discrete update:
   (heavy-ball SGD for inner learning loops, Adam on states for the
   energy-based circuit).
 
-The loop is a ``lax.while_loop`` that stops when ``||F(z)|| <= atol + rtol ||z||``,
-``max_steps`` is reached or ``F`` stops being finite. It never raises: the
-outcome is reported in :class:`FixedPointResult` (iterations, residual, status).
+The loop is a ``lax.while_loop`` that stops when every *block* b of the state
+meets ``||F_b(z)|| <= atol + rtol * max(||z_b||, block_floor * ||z||)``, when
+``max_steps`` is reached or when ``F`` stops being finite. It never raises: the
+outcome is reported in :class:`FixedPointResult` (iterations, whole-state and
+worst-block residuals, status).
+
+Why per block: a joint state mixes variables of different scales -- the
+controlled state z = (phi, psi, u) of eqs. 6 and 8 has ``||u|| ~ ||grad_y L|| /
+alpha``, hundreds of times ``||phi||`` at small alpha with a cross-entropy --
+and a test against ``rtol ||z||`` then lets the phi and psi equations stop
+hundreds of times early, while the update (eq. 4) reads psi and phi. A block is
+a *top-level field* of the state (a NamedTuple field, dict entry or tuple
+element; a bare array is one block), not a leaf: fields are the variables that
+carry different units, whereas leaves inside one field (layers, weights and
+biases) share them, and a per-leaf test would demand relative accuracy of
+leaves that are ~0 (biases, unused layers). ``block_floor`` (default 1e-3)
+floors a block's scale at a fraction of the whole state's norm: a block that
+tends to exactly 0 (psi and u when the free state already minimises L) can
+never meet a test relative to itself, while a block 1000x smaller than the
+state still keeps its own relative test. ``atol`` remains for states that tend
+to 0 as a whole.
 The engine is written for one example; ``jax.vmap`` over it gives per-example
 stopping (an example that converged is frozen while the others continue), and a
 diverging example only marks its own status.
@@ -43,6 +61,13 @@ PyTree = Any
 Field = Callable[[PyTree], PyTree]
 
 
+# Floor of a block's scale, relative to the whole state's norm (see
+# block_tolerance_check): a block tending to exactly 0 (psi when the free
+# equilibrium already minimises L) would otherwise never meet a relative test.
+# 1e-3 keeps a block 1000x smaller than the state on its own relative rule.
+BLOCK_FLOOR = 1e-3
+
+
 class Status(enum.IntEnum):
   CONVERGED = 0
   MAX_STEPS = 1
@@ -55,9 +80,14 @@ class FixedPointResult(NamedTuple):
   value: the last iterate z (same pytree as z0).
   iterations: int32, number of strategy steps taken.
   residual: ||F(value)||.
-  relative_residual: ||F(value)|| / max(||value||, tiny).
-  converged: bool, residual met the tolerance.
+  relative_residual: ||F(value)|| / max(||value||, tiny), over the whole state.
+  converged: bool, every block met the per-block tolerance (see
+    :func:`block_tolerance_check`).
   status: int32 :class:`Status` code.
+  block_relative_residual: the worst block's ``||F_b|| / s_b`` (the quantity
+    the stopping rule compares with ``rtol``, up to ``atol``).
+  initial_residual: ||F(z0)||; ``residual / initial_residual`` says how far the
+    phase got, also when it stopped on its budget.
   """
   value: PyTree
   iterations: jax.Array
@@ -65,6 +95,8 @@ class FixedPointResult(NamedTuple):
   relative_residual: jax.Array
   converged: jax.Array
   status: jax.Array
+  block_relative_residual: jax.Array
+  initial_residual: jax.Array
 
 
 class Strategy(Protocol):
@@ -151,16 +183,65 @@ class OptaxStrategy:
     return optax.apply_updates(z, updates), state
 
 
-def _result(z, fz, iterations, rtol, atol) -> FixedPointResult:
-  residual = tu.tree_norm(fz)
-  znorm = tu.tree_norm(z)
-  finite = jnp.isfinite(residual) & jnp.isfinite(znorm)
-  converged = finite & (residual <= atol + rtol * znorm)
+def block_norms(tree: PyTree) -> jax.Array:
+  """Euclidean norm of each block of ``tree``: ``[num_blocks]``.
+
+  A block is one top-level child of the pytree (a field of a NamedTuple, an
+  entry of a dict, tuple or list) with all the leaves under it; a bare array is
+  one block. Empty children are dropped; an empty tree gives ``[0.]``.
+  """
+  squares: dict[Any, jax.Array] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    key = path[:1]  # () for a bare array: one block
+    sq = jnp.sum(jnp.real(jnp.conj(leaf) * leaf))
+    squares[key] = squares[key] + sq if key in squares else sq
+  if not squares:
+    return jnp.zeros((1,), jnp.float32)
+  return jnp.sqrt(jnp.stack(list(squares.values())))
+
+
+def block_tolerance_check(fz_norms: jax.Array, scale_norms: jax.Array, *, rtol: float,
+                          atol: float, block_floor: float = BLOCK_FLOOR
+                          ) -> tuple[jax.Array, jax.Array]:
+  """The per-block stopping rule: (all blocks met, worst block's relative residual).
+
+  Block b meets ``||F_b|| <= atol + rtol * s_b`` with the block scale
+  ``s_b = max(||z_b||, block_floor * ||z||)``; the worst relative residual is
+  ``max_b ||F_b|| / s_b``. Non-finite norms never meet it.
+  """
+  total = jnp.sqrt(jnp.sum(scale_norms ** 2))
+  scale = jnp.maximum(scale_norms, block_floor * total)
+  met = jnp.all(fz_norms <= atol + rtol * scale)
+  worst = jnp.max(fz_norms / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny))
+  finite = jnp.all(jnp.isfinite(fz_norms)) & jnp.all(jnp.isfinite(scale_norms))
+  return met & finite, worst
+
+
+def make_result(value: PyTree, fz_norms: jax.Array, scale_norms: jax.Array,
+                iterations, *, rtol: float, atol: float, initial_residual: jax.Array,
+                block_floor: float = BLOCK_FLOOR,
+                whole_scale: jax.Array | None = None) -> FixedPointResult:
+  """Builds a :class:`FixedPointResult` from per-block norms of F and of the scale.
+
+  ``whole_scale`` (default ``||scale||``) is the denominator of the reported
+  whole-state ``relative_residual``.
+  """
+  residual = jnp.sqrt(jnp.sum(fz_norms ** 2))
+  whole = jnp.sqrt(jnp.sum(scale_norms ** 2)) if whole_scale is None else whole_scale
+  converged, worst = block_tolerance_check(fz_norms, scale_norms, rtol=rtol, atol=atol,
+                                           block_floor=block_floor)
+  finite = jnp.isfinite(residual) & jnp.isfinite(whole)
   status = jnp.where(converged, Status.CONVERGED,
                      jnp.where(finite, Status.MAX_STEPS, Status.NONFINITE))
-  rel = residual / jnp.maximum(znorm, jnp.finfo(residual.dtype).tiny)
-  return FixedPointResult(z, jnp.asarray(iterations, jnp.int32), residual, rel,
-                          converged, status.astype(jnp.int32))
+  rel = residual / jnp.maximum(whole, jnp.finfo(residual.dtype).tiny)
+  return FixedPointResult(value, jnp.asarray(iterations, jnp.int32), residual, rel,
+                          converged, status.astype(jnp.int32), worst,
+                          jnp.asarray(initial_residual, residual.dtype))
+
+
+def _result(z, fz, iterations, rtol, atol, block_floor, fz0) -> FixedPointResult:
+  return make_result(z, block_norms(fz), block_norms(z), iterations, rtol=rtol, atol=atol,
+                     block_floor=block_floor, initial_residual=tu.tree_norm(fz0))
 
 
 def solve_fixed_point(field: Field,
@@ -170,7 +251,8 @@ def solve_fixed_point(field: Field,
                       rtol: float = 1e-5,
                       atol: float = 0.0,
                       max_steps: int = 800,
-                      steps_per_check: int = 1) -> FixedPointResult:
+                      steps_per_check: int = 1,
+                      block_floor: float = BLOCK_FLOOR) -> FixedPointResult:
   """Iterates ``strategy`` on ``dz/dt = field(z)`` from ``z0`` until equilibrium.
 
   Not reverse-differentiable (it is a while-loop): gradients come from the
@@ -183,9 +265,10 @@ def solve_fixed_point(field: Field,
   init = (jnp.zeros((), jnp.int32), z0, fz0, strategy.init(z0, fz0))
 
   def done(carry):
-    k, z, fz, _ = carry
-    res = _result(z, fz, k, rtol, atol)
-    return res.converged | (res.status == Status.NONFINITE)
+    _, z, fz, _ = carry
+    met, _ = block_tolerance_check(block_norms(fz), block_norms(z), rtol=rtol, atol=atol,
+                                   block_floor=block_floor)
+    return met | ~jnp.isfinite(tu.tree_norm(fz)) | ~jnp.isfinite(tu.tree_norm(z))
 
   def cond(carry):
     return (carry[0] < max_steps) & ~done(carry)
@@ -198,7 +281,7 @@ def solve_fixed_point(field: Field,
     return k + steps_per_check, z, fz, state
 
   k, z, fz, _ = jax.lax.while_loop(cond, body, init)
-  return _result(z, fz, k, rtol, atol)
+  return _result(z, fz, k, rtol, atol, block_floor, fz0)
 
 
 def unrolled_fixed_point(field: Field,
@@ -208,7 +291,8 @@ def unrolled_fixed_point(field: Field,
                          num_steps: int = 100,
                          rtol: float = 1e-5,
                          atol: float = 0.0,
-                         unroll: int = 1) -> FixedPointResult:
+                         unroll: int = 1,
+                         block_floor: float = BLOCK_FLOOR) -> FixedPointResult:
   """Exactly ``num_steps`` strategy steps in a ``lax.scan``: reverse-differentiable.
 
   Used by backprop-through-iterations (``bp``, MAML). Memory grows linearly in
@@ -223,7 +307,7 @@ def unrolled_fixed_point(field: Field,
 
   (z, fz, _), _ = jax.lax.scan(body, (z0, fz0, strategy.init(z0, fz0)), None,
                                length=num_steps, unroll=unroll)
-  return _result(z, fz, num_steps, rtol, atol)
+  return _result(z, fz, num_steps, rtol, atol, block_floor, fz0)
 
 
 STRATEGIES = {"euler": Euler, "anderson": Anderson}

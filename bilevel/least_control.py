@@ -144,7 +144,7 @@ class LeastControl(Solver):
   k_p: float = 0.0
   # The joint controlled dynamics are stable but lightly damped; forward Euler
   # at dt = 1 can oscillate or blow up, Anderson acceleration settles them.
-  controlled: Relaxation = Relaxation(strategy=fp.Anderson(dt=0.5, memory=5), rtol=1e-6,
+  controlled: Relaxation = Relaxation(strategy=fp.Anderson(dt=0.5, memory=8), rtol=1e-6,
                                       max_steps=800)
   # How the controlled steady state is found: "relaxation" integrates the
   # dynamics with `controlled`; "newton" (or {"method": "newton", ...}) solves

@@ -17,12 +17,17 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class Relaxation:
-  """Strategy + stopping rule for :func:`bilevel.fixed_point.solve_fixed_point`."""
+  """Strategy + stopping rule for :func:`bilevel.fixed_point.solve_fixed_point`.
+
+  Converged iff every block b of the state (top-level field) meets
+  ``||F_b|| <= atol + rtol * max(||z_b||, block_floor ||z||)``.
+  """
   strategy: fp.Strategy = fp.Euler(1.0)
-  rtol: float = 1e-5
+  rtol: float = 1e-6
   atol: float = 0.0
   max_steps: int = 800
   steps_per_check: int = 1
+  block_floor: float = fp.BLOCK_FLOOR
 
   def __post_init__(self):
     if self.rtol < 0 or self.atol < 0:
@@ -31,30 +36,36 @@ class Relaxation:
     if self.max_steps < 0 or self.steps_per_check < 1:
       raise ValueError(f"relaxation needs max_steps >= 0 and steps_per_check >= 1, got "
                        f"{self.max_steps} and {self.steps_per_check}")
+    if not 0 <= self.block_floor <= 1:
+      raise ValueError(f"relaxation block_floor must be in [0, 1], got {self.block_floor}")
 
   def solve(self, field: fp.Field, z0: PyTree) -> fp.FixedPointResult:
     return fp.solve_fixed_point(field, z0, self.strategy, rtol=self.rtol,
                                 atol=self.atol, max_steps=self.max_steps,
-                                steps_per_check=self.steps_per_check)
+                                steps_per_check=self.steps_per_check,
+                                block_floor=self.block_floor)
 
   def unrolled(self, field: fp.Field, z0: PyTree,
                num_steps: int | None = None) -> fp.FixedPointResult:
     return fp.unrolled_fixed_point(field, z0, self.strategy,
                                    num_steps=num_steps or self.max_steps,
                                    rtol=self.rtol, atol=self.atol,
-                                   unroll=self.steps_per_check)
+                                   unroll=self.steps_per_check,
+                                   block_floor=self.block_floor)
 
 
 def relaxation_from_config(cfg: Mapping[str, Any] | Relaxation | None,
                            default: Relaxation = Relaxation()) -> Relaxation:
   """Builds a Relaxation from ``{strategy: name, strategy_options: {...}, rtol,
-  atol, max_steps, steps_per_check}``; missing keys keep ``default``'s values."""
+  atol, max_steps, steps_per_check, block_floor}``; missing keys keep ``default``'s
+  values."""
   if cfg is None:
     return default
   if isinstance(cfg, Relaxation):
     return cfg
   cfg = dict(cfg)
-  allowed = {"strategy", "strategy_options", "rtol", "atol", "max_steps", "steps_per_check"}
+  allowed = {"strategy", "strategy_options", "rtol", "atol", "max_steps", "steps_per_check",
+             "block_floor"}
   unknown = set(cfg) - allowed
   if unknown:
     raise ValueError(f"unknown relaxation option(s) {sorted(unknown)}; "

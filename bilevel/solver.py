@@ -31,6 +31,7 @@ from bilevel import tree as tu
 from bilevel.fixed_point import FixedPointResult, Status
 from bilevel.problem import BilevelProblem
 from bilevel.relaxation import Relaxation
+from bilevel.stability import leading_eigenvalue
 
 PyTree = Any
 
@@ -42,11 +43,15 @@ class PhaseStats(NamedTuple):
   relative_residual: jax.Array
   converged: jax.Array
   status: jax.Array  # int32 :class:`bilevel.fixed_point.Status` codes
+  block_relative_residual: jax.Array  # what the stopping rule compared with rtol
+  residual_reduction: jax.Array  # ||F(z_final)|| / ||F(z_0)||: how far the phase got
 
   @classmethod
   def of(cls, result: FixedPointResult) -> "PhaseStats":
+    tiny = jnp.finfo(result.residual.dtype).tiny
     return cls(result.iterations, result.residual, result.relative_residual,
-               result.converged, result.status)
+               result.converged, result.status, result.block_relative_residual,
+               result.residual / jnp.maximum(result.initial_residual, tiny))
 
   @property
   def nonfinite(self) -> jax.Array:
@@ -159,6 +164,11 @@ class Solver:
   needs_energy: ClassVar[bool] = False
 
   free: Relaxation = Relaxation()
+  # > 0: estimate max Re eig(d_phi f) at every free equilibrium with this many
+  # power steps (bilevel/stability.py) and report it as `free/max_real_eig` and
+  # `free/stable`. Anderson also converges to unstable fixed points, where eq. 5
+  # differentiates a state the dynamics never settle to.
+  stability_check_steps: int = 0
 
   def init(self, problem: BilevelProblem, params: PyTree, key: jax.Array) -> PyTree:
     """Learned solver state; checks the problem suits the solver."""
@@ -180,12 +190,28 @@ class Solver:
     losses = jax.vmap(problem.outer_loss)(first.value, batch)
     valid = jnp.isfinite(losses) & (first.status != Status.NONFINITE)
     mask = BatchMask(valid if drop_invalid else jnp.ones_like(valid), drop_invalid)
+    key, stability_key = jax.random.split(key)
     part = self.gradient(problem, params, solver_params, batch, first, mask, key)
     results = {"free": first, **part.phases}
     phases = {name: PhaseStats.of(r) for name, r in results.items()}
+    extras = {**part.extras, **self.stability(problem, params, first, batch, stability_key)}
     return GradientEstimate(part.grads, part.solver_grads, part.mask.mean(losses),
-                            jax.vmap(problem.output)(first.value), phases, part.extras,
+                            jax.vmap(problem.output)(first.value), phases, extras,
                             part.mask.valid)
+
+  def stability(self, problem: BilevelProblem, params: PyTree, free: FixedPointResult,
+                batch: PyTree, key: jax.Array) -> dict:
+    """``{free/max_real_eig, free/stable}`` per example, if asked for."""
+    if not self.stability_check_steps:
+      return {}
+
+    def one(phi, example, k):
+      field = lambda s: problem.f(params, s, example)
+      return leading_eigenvalue(field, phi, k, self.stability_check_steps)
+
+    keys = jax.random.split(key, jax.tree.leaves(free.value)[0].shape[0])
+    estimate, stable = jax.vmap(one)(free.value, batch, keys)
+    return {"free/max_real_eig": estimate, "free/stable": stable}
 
   def first_phase(self, problem: BilevelProblem, params: PyTree,
                   batch: PyTree) -> FixedPointResult:

@@ -20,4 +20,4 @@ class ImplicitMAML(RecurrentBackprop):
   name: ClassVar[str] = "imaml"
   needs_energy: ClassVar[bool] = True
   adjoint_method: str = "cg"
-  adjoint: Relaxation = Relaxation(rtol=1e-5, max_steps=50)
+  adjoint: Relaxation = Relaxation(rtol=1e-6, max_steps=50)

@@ -28,7 +28,7 @@ class RecurrentBackprop(Solver):
   name: ClassVar[str] = "rbp"
 
   adjoint_method: str = "fixed_point"
-  adjoint: Relaxation = Relaxation(rtol=1e-4, max_steps=200)
+  adjoint: Relaxation = Relaxation(rtol=1e-6, max_steps=200)
 
   def init(self, problem, params, key):
     if self.adjoint_method not in linear_solve.METHODS:

@@ -113,3 +113,38 @@ def test_unrolled_is_differentiable_and_matches_implicit_gradient():
   z = final(w)
   d = 1 - jnp.tanh(w * z + 0.7) ** 2
   np.testing.assert_allclose(jax.grad(final)(w), d * z / (1 - w * d), rtol=1e-10)
+
+
+def _two_scales(z):
+  """A small block (target 1, rate 1) beside a big one (target 1000, already there)."""
+  return {"small": 1.0 - z["small"], "big": 1000.0 - z["big"]}
+
+
+def test_every_block_meets_its_own_tolerance():
+  # Issue 12 item 1: a whole-state rule lets the small block stop 1000x early.
+  z0 = {"small": jnp.zeros(3), "big": jnp.full(3, 1000.0)}
+  res = solve_fixed_point(_two_scales, z0, Euler(0.5), rtol=1e-6, max_steps=2000)
+  assert bool(res.converged)
+  np.testing.assert_allclose(res.value["small"], 1.0, rtol=2e-6)
+  assert float(res.block_relative_residual) <= 1e-6
+  # The whole-state residual is reported too (and is ~1000x smaller, relatively).
+  assert float(res.relative_residual) < 2e-3 * float(res.block_relative_residual)
+  # unrolled_fixed_point judges its last iterate by the same rule: 14 halvings
+  # of the small block's error meet the old whole-state test, not this one.
+  unrolled = unrolled_fixed_point(_two_scales, z0, Euler(0.5), num_steps=14, rtol=1e-6)
+  assert not bool(unrolled.converged) and int(unrolled.status) == Status.MAX_STEPS
+  assert float(unrolled.residual) <= 1e-6 * float(jnp.sqrt(3.0) * 1000)
+
+
+def test_block_tending_to_zero_meets_the_floor():
+  # b decays to exactly 0: relative to itself its residual never shrinks, so a
+  # block's scale is floored at block_floor * ||z|| (else only atol could stop it).
+  field = lambda z: {"a": 1.0 - z["a"], "b": -z["b"]}
+  z0 = {"a": jnp.zeros(2), "b": jnp.ones(2)}
+  res = solve_fixed_point(field, z0, Euler(0.5), rtol=1e-6, max_steps=200)
+  assert bool(res.converged) and float(jnp.max(jnp.abs(res.value["b"]))) < 1e-8
+  stuck = solve_fixed_point(field, z0, Euler(0.5), rtol=1e-6, max_steps=200, block_floor=0.0)
+  assert int(stuck.status) == Status.MAX_STEPS
+  with_atol = solve_fixed_point(field, z0, Euler(0.5), rtol=1e-6, atol=1e-9, max_steps=200,
+                                block_floor=0.0)
+  assert bool(with_atol.converged)

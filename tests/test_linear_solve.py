@@ -44,3 +44,20 @@ def test_reports_failure_instead_of_raising():
 def test_unknown_method():
   with pytest.raises(ValueError, match="fixed_point"):
     solve_stable_linear(lambda v: v, jnp.ones(2), method="lu")
+
+
+@pytest.mark.parametrize("method,kwargs", [
+    ("fixed_point", {"strategy": Anderson(0.5)}), ("fixed_point", {}), ("cg", {})])
+def test_every_block_of_the_solution_is_accurate(method, kwargs):
+  """Issue 12 item 1: a residual small relative to ||b|| leaves a small block of x
+  1000x less accurate than the rest; the per-block rule does not stop there."""
+  d = {"small": -jnp.linspace(0.5, 1.0, 4), "big": -jnp.ones(3)}
+  b = {"small": jnp.ones(4), "big": jnp.full(3, -1000.0)}
+  matvec = lambda v: jax.tree.map(jnp.multiply, d, v)
+  res = solve_stable_linear(matvec, b, method=method, rtol=1e-7, max_steps=500, **kwargs)
+  assert int(res.status) == Status.CONVERGED
+  exact = jax.tree.map(jnp.divide, b, d)
+  np.testing.assert_allclose(res.value["small"], exact["small"], rtol=1e-6)
+  assert float(res.block_relative_residual) <= 1e-7
+  np.testing.assert_allclose(res.relative_residual,
+                             res.residual / np.linalg.norm(np.r_[b["small"], b["big"]]))
