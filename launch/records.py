@@ -23,8 +23,11 @@ KEY_METRICS = ("loss", "accuracy", "mse", "free/residual", "free/iterations",
 SHORT_NAMES = {"loss": "loss", "accuracy": "acc", "mse": "mse", "free/residual": "res",
                "free/iterations": "it_free", "controlled/iterations": "it_ctl",
                "adjoint/iterations": "it_adj", "psi_norm": "|psi|"}
-_PLOT_PANELS = ("loss", "accuracy", "mse", "free/iterations", "controlled/iterations",
+_PLOT_PANELS = ("loss", "accuracy", "mse", "free/residual_reduction",
+                "controlled/residual_reduction", "free/iterations", "controlled/iterations",
                 "adjoint/iterations", "free/residual", "psi_norm", "grad_norm")
+_LOG_PANELS = ("loss", "mse", "grad_norm", "free/residual", "free/residual_reduction",
+               "controlled/residual_reduction")
 
 
 # ----- files ---------------------------------------------------------------------------
@@ -194,18 +197,28 @@ def _finite_points(records: list[dict], key: str) -> list[tuple[float, float]]:
           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
+def _eval_keys(key: str, evals: list[dict]) -> list[str]:
+  """Evaluation metrics that measure ``key`` (``test/accuracy``, ``test_accuracy``, ...)."""
+  found = {k for r in evals for k in r if k == key or k.endswith(("/" + key, "_" + key))}
+  return sorted(found)
+
+
 def _plot_panel(ax, key: str, train: list[dict], evals: list[dict]) -> None:
-  for recs, label, style in ((train, "train", "-"), (evals, "eval", "o-")):
-    pts = _finite_points(recs, key)
+  series = [(train, key, "train", "-")] + [(evals, k, f"eval {k}", "o-")
+                                            for k in _eval_keys(key, evals)]
+  vals = []
+  for recs, k, label, style in series:
+    pts = _finite_points(recs, k)
     if pts:
       xs, ys = zip(*pts)
+      vals += ys
       ax.plot(xs, ys, style, label=label, markersize=3)
   ax.set_title(key, fontsize=9)
   ax.set_xlabel("step", fontsize=8)
-  ax.tick_params(labelsize=7)
-  vals = [y for _, y in _finite_points(train + evals, key)]
-  if key in ("loss", "free/residual", "mse", "grad_norm") and vals and min(vals) > 0:
+  ax.tick_params(which="both", labelsize=7)
+  if key in _LOG_PANELS and vals and min(vals) > 0:
     ax.set_yscale("log")
+    ax.set_ylabel(f"{key} (log scale)", fontsize=7)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=7)
 
@@ -214,20 +227,28 @@ def plot_curves(metrics_path: os.PathLike | str, out_path: os.PathLike | str,
                 title: str = "") -> Optional[Path]:
   """PNG of the training curves in ``metrics.jsonl`` (train and eval)."""
   records = read_jsonl(metrics_path)
-  panels = [k for k in _PLOT_PANELS if any(k in r for r in records)][:6]
+  panels = [k for k in _PLOT_PANELS if any(k in r for r in records)
+            or _eval_keys(k, [r for r in records if r.get("split") == "eval"])][:6]
   if not panels:
     return None
   import matplotlib  # noqa: PLC0415 -- heavy; only when plotting
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.ticker  # noqa: PLC0415
   train = [r for r in records if r.get("split") == "train"]
   evals = [r for r in records if r.get("split") == "eval"]
   cols = min(3, len(panels))
   rows = math.ceil(len(panels) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
   fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.86, wspace=0.3, hspace=0.5)
+  plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
   for ax, key in zip(axes.flat, panels):
     _plot_panel(ax, key, train, evals)
+    if ax.get_yscale() == "log":  # 0.2, 0.5 rather than 2x10^-1 on short ranges
+      ax.yaxis.set_major_formatter(plain)
+      lo, hi = ax.get_ylim()
+      if hi / lo < 100:
+        ax.yaxis.set_minor_formatter(plain)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   if title:

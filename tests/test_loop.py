@@ -337,3 +337,17 @@ def test_unreadable_data_file_is_named(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match=f"cannot read {bad} .*truncated or corrupt: delete "
                      "it and copy or download it again"):
     buildlib.make_task(config())
+
+
+def test_curves_show_the_evaluation_metric_of_each_panel(tmp_path):
+  """curves.png: the accuracy panel carries test/train accuracy from eval records too."""
+  path = tmp_path / "metrics.jsonl"
+  for step in range(3):
+    records.append_jsonl(path, {"split": "train", "step": step, "loss": 1.0 / (step + 1),
+                                "accuracy": 0.5, "free/residual_reduction": 0.1})
+  records.append_jsonl(path, {"split": "eval", "step": 2, "test/accuracy": 0.6,
+                              "test_accuracy": 0.6})
+  evals = records.read_jsonl(path)[-1:]
+  assert records._eval_keys("accuracy", evals) == ["test/accuracy", "test_accuracy"]
+  assert records._eval_keys("loss", evals) == []
+  assert records.plot_curves(path, tmp_path / "curves.png").is_file()
