@@ -169,7 +169,8 @@ def mean_records(records: Iterable[dict]) -> dict:
 def _metric_rows(split: str, metrics: dict) -> list[tuple[str, str]]:
   keys = [k for k in KEY_METRICS + ("grad_norm",) if k in metrics]
   keys += sorted(k for k in metrics if k not in keys and
-                 any(w in k for w in ("accuracy", "loss", "converged_fraction"))
+                 any(w in k for w in ("accuracy", "loss", "converged_fraction",
+                                      "residual_reduction"))
                  and "ci95" not in k and "controlled_loss" not in k)
   return [(f"{split} {k}", fmt(metrics[k])) for k in keys
           if isinstance(metrics[k], (int, float))]
