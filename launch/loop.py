@@ -152,7 +152,11 @@ def log_window(setup: Setup, loop: LoopState, step: int) -> None:
   if not loop.pending_host:
     return
   rec = records.mean_records(loop.pending_host)
-  n = len(loop.pending_host)
+  # Skipped non-finite batches have their own policy (on_nonfinite): they do not
+  # count towards the non-convergence window.
+  finite = [r for r in loop.pending_host if not policy.is_nonfinite(r)]
+  conv = records.mean_records(finite) if finite else {}
+  n = len(finite)
   loop.pending_host = []
   rec["skipped_total"] = int(to_host(loop.state.skipped))
   loop.last_train = rec
@@ -164,7 +168,7 @@ def log_window(setup: Setup, loop: LoopState, step: int) -> None:
     if setup.bar is not None and not setup.bar.disable:
       setup.bar.set_postfix({records.SHORT_NAMES[k]: records.fmt(rec[k])
                              for k in records.KEY_METRICS if k in rec}, refresh=False)
-  stop = (policy.convergence_failure(rec, float(setup.config.max_nonconverged_fraction), n,
+  stop = (policy.convergence_failure(conv, float(setup.config.max_nonconverged_fraction), n,
                                      setup.config.solver)
           or policy.loss_growth_failure(rec, loop.lowest_loss,
                                         float(setup.config.max_loss_growth)))

@@ -13,7 +13,8 @@ seed; the batch order does).
 
 problem_options: n_hidden, n_in, n_out, n_train, n_test, data_seed, init_gain
 (spectral norm of the initial W), nan_batch_steps (fault injection for tests:
-the training batches of these steps contain a NaN input).
+every input of the training batches of these steps is NaN, so no example is
+left to average -- one bad example alone is dropped by the train step).
 """
 
 from __future__ import annotations
@@ -89,8 +90,7 @@ def build(config: Any) -> Task:
     idx = sampling.batch_indices(seed, step, n_train, batch_size)
     batch = {k: v[idx] for k, v in train.items()}
     if step in nan_steps:
-      batch["x"] = batch["x"].copy()
-      batch["x"][0, 0] = np.nan
+      batch["x"] = np.full_like(batch["x"], np.nan)
     return batch
 
   # The whole test set in one batch.
