@@ -68,16 +68,6 @@ def fast_weight_embedding(problem: BilevelProblem, params: PyTree, example: PyTr
 
 
 @dataclasses.dataclass(frozen=True)
-class _FastWeightSolver(Solver):
-  """Checks the phi <-> omega correspondence at init when an example is known."""
-
-  def init(self, problem, params, key):
-    if problem.example is not None:
-      fast_weight_embedding(problem, params, problem.example, self.name)
-    return super().init(problem, params, key)
-
-
-@dataclasses.dataclass(frozen=True)
 class FastWeightSolver(Solver):
   """Checks the phi <-> omega correspondence at init when an example is known."""
 

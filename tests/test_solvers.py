@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 import solvers
 import zoo
@@ -70,20 +69,7 @@ def test_implicit_solvers_match_dense_inverse(name, solver_name, options):
 
 
 def _augmented_energy_gradient(name, alpha, directions):
-  """Central differences of (1/B) sum_i min_phi [1/2||f||^2 + L/alpha] along
-  ``directions`` (flat parameter vectors)."""
-  problem, params, batch = _zoo(name)
-  flat, unravel = ravel_pytree(params)
-  size = jax.tree.leaves(batch)[0].shape[0]
-  examples = [jax.tree.map(lambda a: a[i], batch) for i in range(size)]
-
-  def value(p):
-    return sum(float(zoo.augmented_energy_value(problem, p, ex, alpha)[0])
-               for ex in examples) / size
-
-  eps = 1e-5
-  return np.array([(value(unravel(flat + eps * d)) - value(unravel(flat - eps * d)))
-                   / (2 * eps) for d in directions])
+  return zoo.augmented_energy_fd_gradient(_zoo(name), alpha, directions)
 
 
 LCP_PROBLEMS = ["tanh_rnn", "layered_net", "quadratic_synapse", "logistic_synapse"]

@@ -225,3 +225,19 @@ def _augmented_energy_solver(problem, alpha, newton_steps):
     return energy(v), unravel(v)
 
   return solve
+
+
+def augmented_energy_fd_gradient(instance, alpha, directions, eps=1e-5):
+  """Central differences of (1/B) sum_i min_phi [1/2||f||^2 + L/alpha] along
+  ``directions`` (flat parameter vectors); ``instance = (problem, params, batch)``."""
+  problem, params, batch = instance
+  flat, unravel = ravel_pytree(params)
+  size = jax.tree.leaves(batch)[0].shape[0]
+  examples = [jax.tree.map(lambda a: a[i], batch) for i in range(size)]
+
+  def value(p):
+    return sum(float(augmented_energy_value(problem, p, ex, alpha)[0])
+               for ex in examples) / size
+
+  return np.array([(value(unravel(flat + eps * d)) - value(unravel(flat - eps * d)))
+                   / (2 * eps) for d in directions])
