@@ -15,7 +15,7 @@ Part 2 (solvers): the quick presets of ``cifar10_ff``, ``cifar10_deq`` and
 scikit-image), one jitted training step per solver; median wall time over
 ``--steps`` steps after a compile step, mean fixed-point iterations.
 
-    BILEVEL_DATA_DIR=/work/shared/data python -m benchmarks.speed_cifar
+    BILEVEL_DATA_DIR=DIR python -m benchmarks.speed_cifar
     python -m benchmarks.speed_cifar --part micro     # no data needed
 """
 

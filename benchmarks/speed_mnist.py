@@ -3,7 +3,7 @@
     python -m benchmarks.speed_mnist                           # both nets, preset paper
     python -m benchmarks.speed_mnist --presets paper,authors,paper_normalized,fast
     python -m benchmarks.speed_mnist --nets rnn --solvers rbp,lcp_di --warmup_steps 2 \\
-        --steps 2 --rounds 1 --floor_steps 20 --results /tmp/speed.md   # smoke test
+        --steps 2 --rounds 1 --floor_steps 20 --results runs/speed_smoke.md   # smoke test
 
 For each (network, preset, solver): the config exactly as ``launch/run.py
 --config mnist_<net>:<preset> --config.solver=<solver>`` builds it; train
