@@ -1,10 +1,12 @@
 """Every meta-solver's update against the exact meta-gradients, on real Omniglot tasks.
 
-``python -m benchmarks.meta_gradient_alignment [--channels 8] [--n-query 5] [--tasks 2]``
+``python -m benchmarks.meta_gradient_alignment [--channels 4] [--tasks 8]``
 writes ``benchmarks/results/meta_gradient_alignment.md``.
 
-For each net (smooth, max-pool) and task family (5-way and 20-way 1-shot), on
-``--tasks`` real meta-training tasks at the initial omega, in float64:
+For each net (smooth, max-pool), task family (5-way and 20-way 1-shot) and slow
+weights omega (``init``: the initial omega; ``trained``: after ``--meta-steps``
+FOMAML meta-steps at the same config), on ``--tasks`` real meta-training tasks
+never seen in those meta-steps, in float64:
 
 * (a) the exact implicit meta-gradient (eq. 5 for eq. 16): phi* from the free
   phase run ``--tight-steps`` steps, then ``g = lambda (hess E)^{-1} grad L_eval``
@@ -13,19 +15,28 @@ For each net (smooth, max-pool) and task family (5-way and 20-way 1-shot), on
   the configured inner loop (the ``bp`` solver with the free budget);
 * every solver's update (lcp at several alpha, cml at two beta, imaml, rbp, bp,
   fomaml, t1t2, reptile) with the options of ``configs/omniglot.py`` (quick
-  preset, plus ``+smooth`` for the smooth net); cosine and norm ratio vs (a), (b).
+  preset, plus ``+smooth`` for the smooth net), and the equilibrium solvers again
+  with every phase solved tightly (``tight``: free phase, adjoint, nudged and
+  controlled phases at rtol 1e-10 with ``--tight-steps`` steps): the theory's
+  claims (imaml, rbp -> (a); cml -> (a) as beta -> 0) are about those.
+
+Every row lists each phase's converged fraction and residual reduction, so an
+update read off a state that is not an equilibrium is visible as such.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 jax.config.update("jax_enable_x64", True)
@@ -33,6 +44,7 @@ jax.config.update("jax_enable_x64", True)
 import problems  # noqa: E402
 import solvers  # noqa: E402
 from bilevel import fixed_point as fp  # noqa: E402
+from bilevel.train import init_train_state, make_train_step  # noqa: E402
 from configs import omniglot as omniglot_config  # noqa: E402
 from launch import schema  # noqa: E402
 from launch.records import atomic_write_text  # noqa: E402
@@ -41,6 +53,7 @@ OUT = "benchmarks/results/meta_gradient_alignment.md"
 LCP_ALPHAS = (10.0, 1.0, 0.1, 0.01)
 CML_BETAS = (0.03, 0.003)
 OTHERS = ("imaml", "rbp", "bp", "fomaml", "t1t2", "reptile")
+TIGHT_OTHERS = ("imaml", "rbp")
 
 
 def _f64(tree: Any) -> Any:
@@ -48,36 +61,65 @@ def _f64(tree: Any) -> Any:
                       if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
 
 
-def _setup(net: str, n_way: int, args) -> tuple[Any, Any, Any, Any]:
+HELD_OUT_STEP = 10_000  # the tasks compared on: a batch no meta-step has seen
+
+
+def _setup(net: str, n_way: int, omega: str, args) -> tuple[Any, Any, Any, Any]:
+  """(config, problem, omega in float64, held-out batch of ``--tasks`` tasks)."""
   preset = "quick+smooth" if net == "smooth" else "quick"
   c = omniglot_config.get_config(preset)
   c.problem_options.update(dict(n_way=n_way, channels=args.channels, n_query=args.n_query,
                                 blocks=4))
   c.batch_size = args.tasks
   task = problems.make_task(c)
-  batch = _f64(task.train_batch(0))
-  params = _f64(task.problem.init_params(jax.random.key(0), task.example))
-  return c, task.problem, params, batch
+  params = task.problem.init_params(jax.random.key(0), task.example)
+  if omega == "trained":
+    params = _meta_train(c, task, params, args.meta_steps)
+  return c, task.problem, _f64(params), _f64(task.train_batch(HELD_OUT_STEP))
 
 
-def _solver_specs(c) -> dict[str, Any]:
-  """name -> solver, all from the preset's options (one place to read them)."""
+def _meta_train(c, task, params, steps: int) -> Any:
+  """omega after ``steps`` FOMAML meta-steps (the config's inner loop and optimizer lr)."""
+  solver = solvers.get_solver("fomaml", **schema.to_dict(c.solvers.fomaml))
+  opt = optax.adam(c.optimizer.learning_rate)
+  state = init_train_state(task.problem, solver, opt, jax.random.key(0), task.example,
+                           params=params)
+  step = make_train_step(task.problem, solver, opt)
+  losses = []
+  for i in range(steps):
+    state, metrics = step(state, task.train_batch(i))
+    losses.append(float(metrics["loss"]))
+  print(f"  meta-trained omega: {steps} fomaml steps, query loss "
+        f"{statistics.mean(losses[:10]):.3f} -> {statistics.mean(losses[-10:]):.3f}",
+        flush=True)
+  return state.params
+
+
+def _tight(phase: dict, steps: int) -> dict:
+  return dict(phase, rtol=1e-10, max_steps=steps, steps_per_check=1)
+
+
+def _solver_specs(c, tight_steps: int) -> dict[str, Any]:
+  """name -> solver: the preset's options, then the equilibrium solvers solved tightly."""
   opts = {k: schema.to_dict(c.solvers[k]) for k in c.solvers}
   spc1 = lambda d: dict(d, steps_per_check=1)  # small compiles; same steps
   free = spc1(opts["lcp"]["free"])
+  tight_free = _tight(free, tight_steps)
   out = {}
-  for a in LCP_ALPHAS:
-    lcp = dict(opts["lcp"], free=free, alpha=a, k_i=1.0 / a,
-               controlled=spc1(opts["lcp"]["controlled"]))
-    out[f"lcp a={a:g}"] = solvers.get_solver("lcp", **lcp)
-  for b in CML_BETAS:
-    out[f"cml b={b:g}"] = solvers.get_solver("cml", **dict(opts["cml"], free=free, beta=b,
-                                                          nudged=spc1(opts["cml"]["nudged"])))
-  for name in OTHERS:
-    o = dict(opts[name], free=free)
-    if "adjoint" in o and "steps_per_check" in o["adjoint"]:
-      o["adjoint"] = spc1(o["adjoint"])
-    out[name] = solvers.get_solver(name, **o)
+  for label, fr, phase in (("", free, spc1), (" tight", tight_free,
+                                               lambda d: _tight(d, tight_steps))):
+    for a in LCP_ALPHAS:
+      lcp = dict(opts["lcp"], free=fr, alpha=a, k_i=1.0 / a,
+                 controlled=phase(opts["lcp"]["controlled"]))
+      out[f"lcp a={a:g}{label}"] = solvers.get_solver("lcp", **lcp)
+    for b in CML_BETAS:
+      out[f"cml b={b:g}{label}"] = solvers.get_solver(
+          "cml", **dict(opts["cml"], free=fr, beta=b, nudged=phase(opts["cml"]["nudged"])))
+    for name in OTHERS if not label else TIGHT_OTHERS:
+      o = dict(opts[name], free=fr)
+      if "adjoint" in o:
+        o["adjoint"] = phase(dict(o["adjoint"], steps_per_check=1))
+      out[name + label] = solvers.get_solver(name, **o)
   return out
 
 
@@ -109,10 +151,17 @@ def _compare(g: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
   return cos, float(np.linalg.norm(g) / (np.linalg.norm(ref) + 1e-300))
 
 
-def _run_cell(net: str, n_way: int, args) -> list[tuple]:
-  print(f"cell {net} {n_way}-way", flush=True)
-  c, problem, params, batch = _setup(net, n_way, args)
-  specs = _solver_specs(c)
+def _phases(est) -> str:
+  """``free 1.00/3e-05, adjoint ...``: converged fraction / mean residual reduction."""
+  return ", ".join(f"{name} {float(np.mean(np.asarray(ph.converged))):.2f}/"
+                   f"{float(np.mean(np.asarray(ph.residual_reduction))):.0e}"
+                   for name, ph in est.phases.items())
+
+
+def _run_cell(net: str, n_way: int, omega: str, args) -> list[tuple]:
+  print(f"cell {net} {n_way}-way omega={omega}", flush=True)
+  c, problem, params, batch = _setup(net, n_way, omega, args)
+  specs = _solver_specs(c, args.tight_steps)
   t0 = time.time()
   exact, resid = _exact_implicit(problem, params, batch, args.tight_steps)
   trunc = None
@@ -124,52 +173,69 @@ def _run_cell(net: str, n_way: int, args) -> list[tuple]:
     g = np.asarray(ravel_pytree(est.grads)[0])
     if name == "bp":
       trunc = g
-    conv = float(np.mean(np.asarray(est.stats["free/converged"])))
-    rows.append((net, n_way, name, *_compare(g, exact), *_compare(g, trunc), conv,
-                 round(time.time() - t, 1)))
+    rows.append((net, n_way, omega, name, *_compare(g, exact), *_compare(g, trunc),
+                 _phases(est), round(time.time() - t, 1)))
     print(rows[-1], flush=True)
-  rows.append((net, n_way, "(b) truncated vs (a)", *_compare(trunc, exact), 1.0, 1.0,
-               resid, round(time.time() - t0, 1)))
+  rows.append((net, n_way, omega, "(b) truncated vs (a)", *_compare(trunc, exact), 1.0, 1.0,
+               f"tight free phase: max relative residual {resid:.1e}",
+               round(time.time() - t0, 1)))
   return rows
 
 
-def _write(rows: list[tuple], args, seconds: float) -> None:
+def _write(rows: list[tuple], args, seconds: float, notes: str) -> None:
   lines = ["# Meta-gradient alignment on real Omniglot tasks", "",
            f"Command: `python -m benchmarks.meta_gradient_alignment --channels {args.channels} "
-           f"--n-query {args.n_query} --tasks {args.tasks} --tight-steps {args.tight_steps}`",
-           f"Machine: {platform.machine()} CPU, 2 cores shared, no accelerator; float64; "
-           f"{seconds / 60:.1f} min.", "",
-           f"Tasks: meta-training tasks of step 0 (seed 0), {args.tasks} per cell, 1-shot, "
-           f"{args.n_query} query images per class, conv-4 with {args.channels} channels "
-           "(shrunk from 64 to fit the CPU), initial omega. Solver options: "
-           "`configs/omniglot.py` preset quick (+smooth for the smooth net), "
-           "steps_per_check 1. (a) = exact implicit gradient at a tightly converged "
-           "phi* (dense Hessian); (b) = jax.grad through the truncated inner loop (bp). "
-           "For the `(b) truncated vs (a)` row the last two columns are the largest "
-           "relative residual of the tight free phase and the cell's time.", "",
-           "| net | way | solver | cos (a) | norm ratio (a) | cos (b) | norm ratio (b) "
-           "| free converged | s |", "|---|---|---|---|---|---|---|---|---|"]
+           f"--n-query {args.n_query} --tasks {args.tasks} --tight-steps {args.tight_steps} "
+           f"--meta-steps {args.meta_steps} --nets {args.nets} --ways {args.ways} "
+           f"--omegas {args.omegas}`",
+           f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, no accelerator; "
+           f"float64; {seconds / 60:.1f} min.", "",
+           f"Tasks: {args.tasks} held-out meta-training tasks per cell (the batch of step "
+           f"{HELD_OUT_STEP}, seed 0), 1-shot, {args.n_query} query images per class, conv-4 "
+           f"with {args.channels} channels (shrunk from 64 so the dense Hessian of (a) fits), "
+           f"omega `init` (initial) or `trained` ({args.meta_steps} FOMAML meta-steps). Solver "
+           "options: `configs/omniglot.py` preset quick (+smooth for the smooth net), "
+           "steps_per_check 1; rows marked `tight` solve every phase to rtol 1e-10 within "
+           f"{args.tight_steps} steps. (a) = exact implicit gradient at a tightly converged "
+           "phi* (dense Hessian); (b) = jax.grad through the configured inner loop (bp). "
+           "Phases: converged fraction / mean residual reduction ||F_end|| / ||F_start|| of "
+           "each phase.", "",
+           "| net | way | omega | solver | cos (a) | norm ratio (a) | cos (b) | norm ratio (b) "
+           "| phases | s |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
                                    for v in r) + " |")
-  atomic_write_text(OUT, "\n".join(lines) + "\n")
+  atomic_write_text(OUT, "\n".join(lines) + "\n" + notes)
+
+
+def _notes() -> str:
+  """The reading kept under the table (everything after its first ``## `` heading)."""
+  try:
+    text = open(OUT).read()
+  except FileNotFoundError:
+    return ""
+  i = text.find("\n## ")
+  return text[i:] if i >= 0 else ""
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--channels", type=int, default=8)
+  p.add_argument("--channels", type=int, default=4)
   p.add_argument("--n-query", type=int, default=5)
-  p.add_argument("--tasks", type=int, default=2)
+  p.add_argument("--tasks", type=int, default=8)
   p.add_argument("--tight-steps", type=int, default=3000)
+  p.add_argument("--meta-steps", type=int, default=100)
   p.add_argument("--nets", default="smooth,maxpool")
   p.add_argument("--ways", default="5,20")
+  p.add_argument("--omegas", default="init,trained")
   args = p.parse_args()
   t = time.time()
-  rows = []
+  rows, notes = [], _notes()
   for net in args.nets.split(","):
     for way in (int(w) for w in args.ways.split(",")):
-      rows += _run_cell(net, way, args)
-      _write(rows, args, time.time() - t)
+      for omega in args.omegas.split(","):
+        rows += _run_cell(net, way, omega, args)
+        _write(rows, args, time.time() - t, notes)
   print(f"wrote {OUT}")
 
 

@@ -57,6 +57,10 @@ class OutputController:
     control = tu.tree_axpy(-self.k_p, error, u) if self.k_p else u
     return du, control
 
+  def steady_state(self, problem: BilevelProblem, state: PyTree, example: PyTree) -> PyTree:
+    """``u*`` with ``du/dt = 0`` at ``state``: ``-grad_y L / alpha`` (needs alpha > 0)."""
+    return tu.tree_scale(-1.0 / self.alpha, problem.output_error(state, example))
+
 
 class DIState(NamedTuple):
   phi: PyTree
@@ -148,7 +152,8 @@ class LeastControl(Solver):
                                       max_steps=800)
   # How the controlled steady state is found: "relaxation" integrates the
   # dynamics with `controlled`; "newton" (or {"method": "newton", ...}) solves
-  # F(z) = 0 for the same steady state, to `controlled`'s tolerance and budget
+  # F(z) = 0 for the same steady state, to `controlled`'s tolerance and budget;
+  # "reduced" relaxes with u held at the controller's steady state u*(phi)
   # (bilevel/controlled_solve.py).
   controlled_solve: Any = "relaxation"
   # Where the controlled phase starts: "free" (the free equilibrium) or "zeros"
@@ -162,6 +167,10 @@ class LeastControl(Solver):
     if self.controlled_start not in ("free", "zeros"):
       raise ValueError(f"controlled_start must be 'free' or 'zeros', got "
                        f"{self.controlled_start!r}")
+    if isinstance(self.controlled_solve, cs.Reduced) and self.alpha <= 0:
+      raise ValueError(f"{self.name}: controlled_solve='reduced' pins u at its steady "
+                       f"state -grad L / alpha and needs alpha > 0; got alpha={self.alpha} "
+                       "(use controlled_solve='relaxation' for alpha = 0)")
     if self.alpha < 0 or self.k_i <= 0 or self.k_p < 0:
       raise ValueError(f"{self.name}: need alpha >= 0, k_i > 0 and k_p >= 0; got "
                        f"alpha={self.alpha}, k_i={self.k_i}, k_p={self.k_p}")
@@ -198,9 +207,10 @@ class LeastControl(Solver):
     def one(phi, example):
       if self.controlled_start == "zeros":
         phi = problem.init_state(params, example)
+      pin = lambda z: z._replace(u=self.controller.steady_state(problem, z.phi, example))
       res = cs.solve_controlled(cs.make_route(self.controlled_solve), self.controlled,
                                 self.field(problem, params, solver_params, example),
-                                self.initial_state(problem, phi, example))
+                                self.initial_state(problem, phi, example), pin)
       psi = self.control(problem, params, solver_params, res.value, example)
       violation = tu.tree_norm(tu.tree_add(problem.f(params, res.value.phi, example), psi))
       return res, psi, violation

@@ -5,6 +5,8 @@
   update as the tight relaxation that tests/test_solvers.py checks against
   the exact augmented-energy gradient, for DI, KP and EBD; and the update is
   itself checked against central differences of ``min_phi 1/2||f||^2 + L/alpha``.
+* ``controlled_solve="reduced"`` (u pinned at the controller's steady state)
+  converges to the same steady state and update, for DI, EBD and direct control.
 * At the MNIST ``paper`` defaults (raw [0, 1] inputs, alpha 0.1, rtol 1e-6) on a
   small equilibrium RNN: both routes agree with the tight steady state.
 """
@@ -55,8 +57,29 @@ def test_route_spec_parsing():
   assert cs.make_route({"method": "newton", "krylov_dim": 5}).krylov_dim == 5
   with pytest.raises(ValueError, match="method"):
     cs.make_route("anderson")
+  assert cs.make_route("reduced") == cs.Reduced()
+  with pytest.raises(ValueError, match="no options"):
+    cs.make_route({"method": "reduced", "krylov_dim": 5})
+  with pytest.raises(ValueError, match="alpha > 0"):
+    solvers.get_solver("lcp", alpha=0.0, controlled_solve="reduced")
   # The solver stores a hashable route (solvers are jit / cache keys).
   hash(solvers.get_solver("lcp_di", controlled_solve={"method": "newton"}))
+  hash(solvers.get_solver("lcp", controlled_solve="reduced"))
+
+
+@pytest.mark.parametrize("name", ["tanh_rnn", "layered_net"])
+@pytest.mark.parametrize("solver_name", ["lcp_di", "lcp_ebd", "lcp_direct"])
+def test_reduced_reaches_the_relaxation_steady_state(name, solver_name):
+  options = dict(alpha=0.05, free=zoo.TIGHT_FREE, controlled=zoo.TIGHT_CONTROLLED)
+  relaxed = zoo.solver_estimate(_zoo(name), solver_name, **options)
+  reduced = zoo.solver_estimate(_zoo(name), solver_name, controlled_solve="reduced",
+                                **options)
+  for est in (relaxed, reduced):
+    assert bool(jnp.all(est.stats["controlled/converged"]))
+  np.testing.assert_allclose(zoo.flat(reduced.grads), zoo.flat(relaxed.grads),
+                             rtol=1e-6, atol=1e-10)
+  # The controller's block is at its steady state, so the constraint of eq. 3 holds.
+  assert float(jnp.max(reduced.extras["constraint_violation"])) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["tanh_rnn", "layered_net", "logistic_synapse"])
