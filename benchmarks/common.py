@@ -8,6 +8,7 @@ benchmarks.table1_mnist ...``) or with the package installed (``pip install -e .
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -140,6 +141,26 @@ def completed_summaries(sweepdir: Path, solver: str) -> list[dict]:
     s = read_json(path)
     if s.get("status") == "completed" and s.get("eval"):
       out.append(s)
+  return out
+
+
+def export_summaries(sweepdir: Path, dest: Path) -> list[Path]:
+  """Copies every run's ``summary.json`` from ``sweepdir`` to ``dest`` (same layout,
+  paths made relative to the sweep), so that a table can be re-made, and completed,
+  from the committed summaries on another machine. Returns the files written."""
+  out = []
+  for path in sorted(Path(sweepdir).glob("runs/*/*/seed*/summary.json")):
+    s = read_json(path)
+    for key in ("workdir", "checkpoint"):
+      if s.get(key):
+        try:
+          s[key] = str(Path(s[key]).relative_to(Path(sweepdir).absolute()))
+        except ValueError:
+          s[key] = Path(s[key]).name
+    target = Path(dest) / path.relative_to(sweepdir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    records.atomic_write_text(target, json.dumps(s, indent=1, sort_keys=True) + "\n")
+    out.append(target)
   return out
 
 

@@ -109,8 +109,11 @@ def _solver_specs(c, tight_steps: int) -> dict[str, Any]:
   for label, fr, phase in (("", free, spc1), (" tight", tight_free,
                                                lambda d: _tight(d, tight_steps))):
     for a in LCP_ALPHAS:
-      lcp = dict(opts["lcp"], free=fr, alpha=a, k_i=1.0 / a,
-                 controlled=phase(opts["lcp"]["controlled"]))
+      controlled = phase(opts["lcp"]["controlled"])
+      controlled["strategy_options"] = dict(
+          controlled["strategy_options"], learning_rate=omniglot_config.controlled_learning_rate(
+              free["strategy_options"]["learning_rate"], a))
+      lcp = dict(opts["lcp"], free=fr, alpha=a, k_i=1.0 / a, controlled=controlled)
       out[f"lcp a={a:g}{label}"] = solvers.get_solver("lcp", **lcp)
     for b in CML_BETAS:
       out[f"cml b={b:g}{label}"] = solvers.get_solver(

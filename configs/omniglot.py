@@ -68,8 +68,14 @@ def _strong_controlled(lr: float, momentum: float, phase_steps: int, rtol: float
   shorter, so the phase's converged fraction and residual reduction are reported.
   """
   return dict(strategy="sgd", strategy_options=dict(
-      learning_rate=lr * min(1.0, STRONG_ALPHA / 0.5), momentum=momentum, nesterov=True),
-      rtol=rtol, max_steps=4 * phase_steps, steps_per_check=spc)
+      learning_rate=controlled_learning_rate(lr, STRONG_ALPHA), momentum=momentum,
+      nesterov=True), rtol=rtol, max_steps=4 * phase_steps, steps_per_check=spc)
+
+
+def controlled_learning_rate(lr: float, alpha: float) -> float:
+  """The reduced controlled phase's step at strength alpha: the free phase's ``lr``,
+  scaled down for the curvature of L_eval / alpha once that dominates E's."""
+  return lr * min(1.0, alpha / 0.5)
 
 
 def _lcp(lr: float, momentum: float, phase_steps: int, rtol: float, spc: int,

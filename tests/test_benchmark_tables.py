@@ -69,3 +69,52 @@ def test_format_mean_std():
   assert common.format_mean_std([]) == "--"
   assert common.format_mean_std([1.0]) == "1.00"
   assert common.format_mean_std([1.0, 3.0]) == "2.00 ± 1.41"
+
+
+def _fake_omniglot_run(sweepdir: Path, solver: str, cell: str, seed: int, accuracy: float,
+                       train: dict) -> None:
+  workdir = sweepdir / "runs" / solver / cell / f"seed{seed}"
+  workdir.mkdir(parents=True)
+  (workdir / "summary.json").write_text(json.dumps({
+      "solver": solver, "seed": seed, "status": "completed", "seconds_per_step": 2.0,
+      "wall_time_s": 600.0, "workdir": str(workdir), "train": train,
+      "eval": {"test_accuracy": accuracy, "test_accuracy_ci95": 0.01,
+               "test_free_residual": 0.3, "test_free_residual_max": 1.2}}))
+
+
+def test_table3_report_from_fake_summaries(tmp_path):
+  """Same-protocol rows with per-phase convergence, variant rows per grid cell, and the
+  paper's numbers split by where they come from."""
+  t3 = _load("table3_omniglot")
+  main, alpha = tmp_path / "main", tmp_path / "alpha"
+  phases = {"free/converged_fraction": 0.5, "free/residual_reduction": 1e-3,
+            "controlled/converged_fraction": 0.25, "controlled/residual_reduction": 2e-2}
+  _fake_omniglot_run(main, "lcp", "default", 0, 0.60, phases)
+  _fake_omniglot_run(main, "lcp", "default", 1, 0.70, phases)
+  _fake_omniglot_run(alpha, "lcp", "solvers.lcp.alpha=1", 0, 0.40, phases)
+  _fake_omniglot_run(alpha, "lcp", "solvers.lcp.alpha=0.01", 0, 0.30, phases)
+  out = tmp_path / "t3.md"
+  assert t3.main(["--config", "omniglot:cpu", "--seeds", "0,1", "--solvers", "lcp,cml",
+                  "--sweepdir", str(main), "--variant", f"alpha sweep={alpha}",
+                  "--report_only", "--no_init_row", "--out", str(out)]) == 0
+  text = out.read_text()
+  std = 100 * math.sqrt(0.005)
+  assert (f"| LCP (`lcp`) | 65.00 ± 1.00 | {std:.2f} | 2 | 2.00 | 10.0 | "
+          "free 0.50 / 1e-03; controlled 0.25 / 2e-02 | 0.30 / 1.20 |") in text
+  assert "| CML (`cml`) | (no completed run)" in text
+  assert "| alpha sweep: `lcp` solvers.lcp.alpha=0.01 | 30.00 ± 1.00 | - | 1 |" in text
+  assert "| alpha sweep: `lcp` solvers.lcp.alpha=1 | 40.00 ± 1.00 | - | 1 |" in text
+  assert "unrotated" in text and "5-way 1-shot" in text  # the data protocol is stated
+  assert "| iMAML | 94.46 ± 0.42 | quoted:" in text
+  assert "| LCP | 91.00 ± 0.24 | run by the paper" in text
+
+
+def test_exported_summaries_carry_no_paths_of_this_machine(tmp_path):
+  common = _load("common")
+  sweep = tmp_path / "sweep"
+  _fake_omniglot_run(sweep, "cml", "default", 2, 0.5, {})
+  (written,) = common.export_summaries(sweep, tmp_path / "committed")
+  assert written == tmp_path / "committed/runs/cml/default/seed2/summary.json"
+  summary = json.loads(written.read_text())
+  assert summary["workdir"] == "runs/cml/default/seed2" and summary["eval"]["test_accuracy"] == 0.5
+  assert str(tmp_path) not in written.read_text()
