@@ -206,7 +206,7 @@ def _write(rows: list[tuple], args, seconds: float, notes: str) -> None:
            "| net | way | omega | solver | cos (a) | norm ratio (a) | cos (b) | norm ratio (b) "
            "| phases | s |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines.append("| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v)
                                    for v in r) + " |")
   atomic_write_text(OUT, "\n".join(lines) + "\n" + notes)
 
