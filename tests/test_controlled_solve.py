@@ -67,8 +67,9 @@ def test_route_spec_parsing():
   hash(solvers.get_solver("lcp", controlled_solve="reduced"))
 
 
-@pytest.mark.parametrize("name", ["tanh_rnn", "layered_net"])
-@pytest.mark.parametrize("solver_name", ["lcp_di", "lcp_ebd", "lcp_direct"])
+@pytest.mark.parametrize("name,solver_name", [("tanh_rnn", "lcp_di"), ("tanh_rnn", "lcp_ebd"),
+                                              ("tanh_rnn", "lcp_direct"),
+                                              ("layered_net", "lcp_direct")])
 def test_reduced_reaches_the_relaxation_steady_state(name, solver_name):
   options = dict(alpha=0.05, free=zoo.TIGHT_FREE, controlled=zoo.TIGHT_CONTROLLED)
   relaxed = zoo.solver_estimate(_zoo(name), solver_name, **options)
