@@ -157,37 +157,8 @@ def _paper_section() -> list[str]:
                   "FOMAML, Reptile and iMAML compares numbers from different protocols.", ""]
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="omniglot:quick")
-  p.add_argument("--solvers", default=",".join(ORDER))
-  p.add_argument("--seeds", default="0")
-  p.add_argument("--workers", type=int, default=1)
-  p.add_argument("--sweepdir", type=Path, default=None)
-  p.add_argument("--variant", action="append", default=[], metavar="LABEL=SWEEPDIR",
-                 help="rows from another sweep directory (repeatable)")
-  p.add_argument("--export", type=Path, default=None,
-                 help="also copy every run's summary.json here (e.g. under benchmarks/results/)")
-  p.add_argument("--report_only", action="store_true")
-  p.add_argument("--no_init_row", action="store_true")
-  p.add_argument("--note", action="append", default=[],
-                 help="a paragraph appended under the tables (repeatable)")
-  p.add_argument("--out", type=Path, default=_ROOT / "benchmarks/results/table3_omniglot.md")
-  overrides, pairs, rest = common.split_overrides(sys.argv[1:] if argv is None else argv)
-  args, bad = p.parse_known_args(rest)
-  if bad:
-    p.error(f"unknown arguments {bad} (only --config.KEY=VALUE overrides pass through)")
-  variants = [v.split("=", 1) for v in args.variant]
-  if any(len(v) != 2 for v in variants):
-    p.error("--variant takes LABEL=SWEEPDIR")
-  solvers = args.solvers.split(",")
-  args.sweepdir = args.sweepdir or _ROOT / "runs" / "sweeps" / args.config.replace(":", "_")
-  t0 = time.time()
-  common.run_sweep(args.config, solvers, args.seeds, args.sweepdir, overrides, args.workers,
-                   metric="eval/test_accuracy", execute=not args.report_only)
-  if args.export:
-    print(f"exported {len(common.export_summaries(args.sweepdir, args.export))} summaries")
-
+def _report(args, pairs, overrides, solvers, variants) -> list[str]:
+  """The whole results file, as lines."""
   config = cfglib.load(args.config, pairs)
   command = (f"python -m benchmarks.table3_omniglot --config {args.config} --seeds "
              f"{args.seeds} --solvers {args.solvers} --sweepdir {args.sweepdir}"
@@ -220,8 +191,42 @@ def main(argv=None) -> int:
             "tasks; ± is the 95% interval half-width over tasks (1.96 standard errors), "
             "averaged over seeds. Phases: the last training window's converged fraction "
             "and ||F_end|| / ||F_start||, averaged over seeds.", ""]
-  lines += _paper_section()
-  lines += [n + "\n" for n in args.note] + [f"Generated in {time.time() - t0:.0f} s."]
+  return lines + _paper_section() + [n + "\n" for n in args.note]
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", default="omniglot:quick")
+  p.add_argument("--solvers", default=",".join(ORDER))
+  p.add_argument("--seeds", default="0")
+  p.add_argument("--workers", type=int, default=1)
+  p.add_argument("--sweepdir", type=Path, default=None)
+  p.add_argument("--variant", action="append", default=[], metavar="LABEL=SWEEPDIR",
+                 help="rows from another sweep directory (repeatable)")
+  p.add_argument("--export", type=Path, default=None,
+                 help="also copy every run's summary.json here (e.g. under benchmarks/results/)")
+  p.add_argument("--report_only", action="store_true")
+  p.add_argument("--no_init_row", action="store_true")
+  p.add_argument("--note", action="append", default=[],
+                 help="a paragraph appended under the tables (repeatable)")
+  p.add_argument("--out", type=Path, default=_ROOT / "benchmarks/results/table3_omniglot.md")
+  overrides, pairs, rest = common.split_overrides(sys.argv[1:] if argv is None else argv)
+  args, bad = p.parse_known_args(rest)
+  if bad:
+    p.error(f"unknown arguments {bad} (only --config.KEY=VALUE overrides pass through)")
+  variants = [v.split("=", 1) for v in args.variant]
+  if any(len(v) != 2 for v in variants):
+    p.error("--variant takes LABEL=SWEEPDIR")
+  solvers = args.solvers.split(",")
+  args.sweepdir = args.sweepdir or _ROOT / "runs" / "sweeps" / args.config.replace(":", "_")
+  t0 = time.time()
+  common.run_sweep(args.config, solvers, args.seeds, args.sweepdir, overrides, args.workers,
+                   metric="eval/test_accuracy", execute=not args.report_only)
+  if args.export:
+    print(f"exported {len(common.export_summaries(args.sweepdir, args.export))} summaries")
+
+  lines = _report(args, pairs, overrides, solvers, variants)
+  lines.append(f"Generated in {time.time() - t0:.0f} s.")
   atomic_write_text(args.out, "\n".join(lines) + "\n")
   print("\n".join(lines))
   print(f"wrote {args.out}")
