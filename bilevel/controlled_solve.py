@@ -200,12 +200,13 @@ class Reduced:
   """
 
   def solve(self, relaxation, field: fp.Field, z0: PyTree,
-            pin: Callable[[PyTree], PyTree]) -> fp.FixedPointResult:
+            pin: Callable[[PyTree], PyTree],
+            axis_name: Optional[str] = None) -> fp.FixedPointResult:
     def reduced(z):
       dz = field(pin(z))
       return dz._replace(u=tu.tree_zeros_like(dz.u))
 
-    res = relaxation.solve(reduced, pin(z0))
+    res = relaxation.solve(reduced, pin(z0), axis_name)
     return res._replace(value=pin(res.value))
 
 
@@ -231,15 +232,17 @@ def make_route(spec: Optional[str | Mapping[str, Any]]) -> Route:
 
 
 def solve_controlled(route: Route, relaxation, field: fp.Field, z0: PyTree,
-                     pin: Optional[Callable[[PyTree], PyTree]] = None) -> fp.FixedPointResult:
+                     pin: Optional[Callable[[PyTree], PyTree]] = None,
+                     axis_name: Optional[str] = None) -> fp.FixedPointResult:
   """The controlled steady state from ``z0``: ``relaxation.solve`` when ``route``
   is None; with ``u`` eliminated by ``pin`` (:class:`Reduced`); else
   Newton-Krylov to the relaxation's tolerance, with the relaxation finishing
-  (from z0) what Newton leaves unconverged."""
+  (from z0) what Newton leaves unconverged. ``axis_name``: the vmapped batch
+  axis a relaxation's quorum is counted over."""
   if route is None:
-    return relaxation.solve(field, z0)
+    return relaxation.solve(field, z0, axis_name)
   if isinstance(route, Reduced):
-    return route.solve(relaxation, field, z0, pin)
+    return route.solve(relaxation, field, z0, pin, axis_name)
   newton = route.solve(field, z0, rtol=relaxation.rtol, atol=relaxation.atol,
                        max_steps=min(route.max_work, relaxation.max_steps),
                        block_floor=relaxation.block_floor)
@@ -248,6 +251,6 @@ def solve_controlled(route: Route, relaxation, field: fp.Field, z0: PyTree,
   # A converged example starts the relaxation at its solution, so it takes 0
   # steps there (vmapped while-loops run until every example is done).
   start = jax.tree.map(lambda a, b: jnp.where(newton.converged, a, b), newton.value, z0)
-  relaxed = relaxation.solve(field, start)
+  relaxed = relaxation.solve(field, start, axis_name)
   return relaxed._replace(iterations=newton.iterations + relaxed.iterations,
                           initial_residual=newton.initial_residual)

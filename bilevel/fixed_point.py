@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -252,8 +252,17 @@ def solve_fixed_point(field: Field,
                       atol: float = 0.0,
                       max_steps: int = 800,
                       steps_per_check: int = 1,
-                      block_floor: float = BLOCK_FLOOR) -> FixedPointResult:
+                      block_floor: float = BLOCK_FLOOR,
+                      quorum: float = 1.0,
+                      axis_name: Optional[str] = None) -> FixedPointResult:
   """Iterates ``strategy`` on ``dz/dt = field(z)`` from ``z0`` until equilibrium.
+
+  Under ``jax.vmap(..., axis_name=axis_name)`` with ``quorum < 1`` the whole
+  batch stops once that fraction of its examples has finished (converged, or
+  diverged): the rest (status
+  MAX_STEPS) are examples whose dynamics take far longer than the others or
+  never settle, and a vmapped while-loop would otherwise run every example to
+  the slowest one's step count.
 
   Not reverse-differentiable (it is a while-loop): gradients come from the
   solvers in ``solvers/`` (implicit, adjoint or least-control), or from
@@ -261,6 +270,8 @@ def solve_fixed_point(field: Field,
   """
   if max_steps < 0 or steps_per_check < 1:
     raise ValueError("max_steps must be >= 0 and steps_per_check >= 1")
+  if not 0 < quorum <= 1:
+    raise ValueError(f"quorum must be in (0, 1], got {quorum}")
   fz0 = field(z0)
   init = (jnp.zeros((), jnp.int32), z0, fz0, strategy.init(z0, fz0))
 
@@ -271,7 +282,11 @@ def solve_fixed_point(field: Field,
     return met | ~jnp.isfinite(tu.tree_norm(fz)) | ~jnp.isfinite(tu.tree_norm(z))
 
   def cond(carry):
-    return (carry[0] < max_steps) & ~done(carry)
+    running = (carry[0] < max_steps) & ~done(carry)
+    if axis_name is None or quorum == 1:
+      return running
+    converged = jax.lax.pmean(done(carry).astype(jnp.float32), axis_name)
+    return running & (converged < quorum)
 
   def body(carry):
     k, z, fz, state = carry

@@ -36,7 +36,7 @@ from bilevel import controlled_solve as cs
 from bilevel import fixed_point as fp
 from bilevel import tree as tu
 from bilevel.problem import BilevelProblem
-from bilevel.relaxation import Relaxation
+from bilevel.relaxation import BATCH_AXIS, Relaxation
 from bilevel.solver import Gradient, Solver
 
 PyTree = Any
@@ -210,18 +210,18 @@ class LeastControl(Solver):
       pin = lambda z: z._replace(u=self.controller.steady_state(problem, z.phi, example))
       res = cs.solve_controlled(cs.make_route(self.controlled_solve), self.controlled,
                                 self.field(problem, params, solver_params, example),
-                                self.initial_state(problem, phi, example), pin)
+                                self.initial_state(problem, phi, example), pin, BATCH_AXIS)
       psi = self.control(problem, params, solver_params, res.value, example)
       violation = tu.tree_norm(tu.tree_add(problem.f(params, res.value.phi, example), psi))
       return res, psi, violation
 
-    return jax.vmap(one)(phis, batch)
+    return jax.vmap(one, axis_name=BATCH_AXIS)(phis, batch)
 
   def gradient(self, problem, params, solver_params, batch, free, mask, key) -> Gradient:
     """Theorem 1 (eq. 4) at the controlled equilibrium started at phi*."""
     res, psi, violation = self.controlled_equilibria(problem, params, solver_params,
                                                      free.value, batch)
-    mask = mask.refine(res)
+    mask = mask.refine(res, self.controlled)
     signal = self.signal(problem, res.value.phi, psi)
     update = mask.params_vjp(problem, params, res.value.phi, batch,
                              tu.tree_scale(-1.0, signal))

@@ -8,9 +8,13 @@ options, configurable by name from a config dict.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from bilevel import fixed_point as fp
+
+# The name of the per-example vmap axis in the solvers: a relaxation's quorum is
+# counted over it.
+BATCH_AXIS = "examples"
 
 PyTree = Any
 
@@ -28,6 +32,10 @@ class Relaxation:
   max_steps: int = 800
   steps_per_check: int = 1
   block_floor: float = fp.BLOCK_FLOOR
+  # < 1: a vmapped batch stops once this fraction of its examples has finished;
+  # the others are reported unconverged and left out of the batch mean
+  # (BatchMask.refine). Acts where the solver vmaps with BATCH_AXIS.
+  quorum: float = 1.0
 
   def __post_init__(self):
     if self.rtol < 0 or self.atol < 0:
@@ -36,14 +44,19 @@ class Relaxation:
     if self.max_steps < 0 or self.steps_per_check < 1:
       raise ValueError(f"relaxation needs max_steps >= 0 and steps_per_check >= 1, got "
                        f"{self.max_steps} and {self.steps_per_check}")
+    if not 0 < self.quorum <= 1:
+      raise ValueError(f"relaxation quorum must be in (0, 1], got {self.quorum}")
     if not 0 <= self.block_floor <= 1:
       raise ValueError(f"relaxation block_floor must be in [0, 1], got {self.block_floor}")
 
-  def solve(self, field: fp.Field, z0: PyTree) -> fp.FixedPointResult:
+  def solve(self, field: fp.Field, z0: PyTree,
+            axis_name: Optional[str] = None) -> fp.FixedPointResult:
+    """``axis_name``: the vmapped batch axis the quorum is counted over."""
     return fp.solve_fixed_point(field, z0, self.strategy, rtol=self.rtol,
                                 atol=self.atol, max_steps=self.max_steps,
                                 steps_per_check=self.steps_per_check,
-                                block_floor=self.block_floor)
+                                block_floor=self.block_floor, quorum=self.quorum,
+                                axis_name=axis_name)
 
   def unrolled(self, field: fp.Field, z0: PyTree,
                num_steps: int | None = None) -> fp.FixedPointResult:
@@ -57,7 +70,7 @@ class Relaxation:
 def relaxation_from_config(cfg: Mapping[str, Any] | Relaxation | None,
                            default: Relaxation = Relaxation()) -> Relaxation:
   """Builds a Relaxation from ``{strategy: name, strategy_options: {...}, rtol,
-  atol, max_steps, steps_per_check, block_floor}``; missing keys keep ``default``'s
+  atol, max_steps, steps_per_check, block_floor, quorum}``; missing keys keep ``default``'s
   values."""
   if cfg is None:
     return default
@@ -65,7 +78,7 @@ def relaxation_from_config(cfg: Mapping[str, Any] | Relaxation | None,
     return cfg
   cfg = dict(cfg)
   allowed = {"strategy", "strategy_options", "rtol", "atol", "max_steps", "steps_per_check",
-             "block_floor"}
+             "block_floor", "quorum"}
   unknown = set(cfg) - allowed
   if unknown:
     raise ValueError(f"unknown relaxation option(s) {sorted(unknown)}; "

@@ -22,7 +22,7 @@ they use only the methods of :class:`bilevel.problem.BilevelProblem`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from bilevel import tree as tu
 from bilevel.fixed_point import FixedPointResult, Status
 from bilevel.problem import BilevelProblem
-from bilevel.relaxation import Relaxation
+from bilevel.relaxation import BATCH_AXIS, Relaxation
 from bilevel.stability import leading_eigenvalue
 
 PyTree = Any
@@ -99,11 +99,16 @@ class BatchMask(NamedTuple):
   def count(self) -> jax.Array:
     return jnp.sum(self.valid.astype(jnp.int32))
 
-  def refine(self, phase: FixedPointResult) -> "BatchMask":
-    """Also drops the examples whose ``phase`` diverged (if dropping at all)."""
+  def refine(self, phase: FixedPointResult, relaxation: Optional[Relaxation] = None
+             ) -> "BatchMask":
+    """Also drops the examples whose ``phase`` diverged (if dropping at all), and
+    those a ``relaxation`` with a quorum left unconverged."""
     if not self.drop:
       return self
-    return BatchMask(self.valid & (phase.status != Status.NONFINITE))
+    keep = phase.status != Status.NONFINITE
+    if relaxation is not None and relaxation.quorum < 1:
+      keep = keep & phase.converged
+    return BatchMask(self.valid & keep)
 
   def select(self, tree: PyTree) -> PyTree:
     """Per-example leaves with dropped examples zeroed (``where`` kills NaN too)."""
@@ -188,8 +193,9 @@ class Solver:
     """
     first = self.first_phase(problem, params, batch)
     losses = jax.vmap(problem.outer_loss)(first.value, batch)
-    valid = jnp.isfinite(losses) & (first.status != Status.NONFINITE)
+    valid = jnp.isfinite(losses)
     mask = BatchMask(valid if drop_invalid else jnp.ones_like(valid), drop_invalid)
+    mask = mask.refine(first, self.free)
     key, stability_key = jax.random.split(key)
     part = self.gradient(problem, params, solver_params, batch, first, mask, key)
     results = {"free": first, **part.phases}
@@ -230,9 +236,9 @@ class Solver:
 
     def one(example):
       field = lambda s: problem.f(params, s, example)
-      return self.free.solve(field, problem.init_state(params, example))
+      return self.free.solve(field, problem.init_state(params, example), BATCH_AXIS)
 
-    return jax.vmap(one)(batch)
+    return jax.vmap(one, axis_name=BATCH_AXIS)(batch)
 
   @staticmethod
   def batch_loss(problem: BilevelProblem, states: PyTree, batch: PyTree):

@@ -148,3 +148,27 @@ def test_block_tending_to_zero_meets_the_floor():
   with_atol = solve_fixed_point(field, z0, Euler(0.5), rtol=1e-6, atol=1e-9, max_steps=200,
                                 block_floor=0.0)
   assert bool(with_atol.converged)
+
+
+def test_quorum_stops_the_batch_when_enough_examples_converged():
+  """A vmapped batch with one very slow example: with quorum 3/4 the batch stops when
+  the three others converge; the slow one is reported MAX_STEPS, not converged."""
+  rates = jnp.array([-0.5, -0.8, -1e-3, -0.6])
+
+  def solve(quorum):
+    def one(s):
+      return solve_fixed_point(lambda z: s * z + 1.0, jnp.zeros(2), Euler(1.0), rtol=1e-9,
+                               max_steps=5000, quorum=quorum, axis_name="examples")
+    return jax.jit(jax.vmap(one, axis_name="examples"))(rates)
+
+  full, cut = solve(1.0), solve(0.75)
+  np.testing.assert_array_equal(full.status, [Status.CONVERGED, Status.CONVERGED,
+                                              Status.MAX_STEPS, Status.CONVERGED])
+  assert int(full.iterations[2]) == 5000
+  np.testing.assert_array_equal(cut.status, full.status)
+  fast = jnp.array([0, 1, 3])
+  np.testing.assert_array_equal(cut.iterations[fast], full.iterations[fast])
+  np.testing.assert_array_equal(cut.value[fast], full.value[fast])
+  assert int(cut.iterations[2]) == int(jnp.max(full.iterations[fast])) < 100
+  with pytest.raises(ValueError, match="quorum"):
+    solve_fixed_point(lambda z: -z, jnp.zeros(2), quorum=0.0)

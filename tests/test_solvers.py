@@ -173,3 +173,38 @@ def test_kolen_pollack_copy_equals_dynamic_inversion_and_aligns():
                              (1 - lr * 0.1) * gap(feedback, params), rtol=1e-10)
   # The random feedback changes the control (no weight transport) ...
   assert not np.allclose(zoo.flat(est.grads), zoo.flat(kp.grads))
+
+
+def _slow_example_problem():
+  """``f = r (tanh(W x) - phi)`` with a per-example rate r; example 2 relaxes 1e4 x slower
+  than the others, so neither its free nor its controlled phase settles in the budget."""
+  from bilevel.problem import BilevelProblem
+  problem = BilevelProblem(
+      dynamics=lambda p, phi, ex: ex["rate"] * (jnp.tanh(p["w"] @ ex["x"]) - phi),
+      loss=lambda phi, ex: 0.5 * jnp.sum((phi - ex["y"]) ** 2),
+      init_state=lambda p, ex: jnp.zeros(3))
+  keys = jax.random.split(jax.random.key(3), 3)
+  batch = {"x": jax.random.normal(keys[0], (4, 5)), "y": jax.random.normal(keys[1], (4, 3)),
+           "rate": jnp.array([1.0, 0.8, 1e-4, 0.9])}
+  return problem, {"w": 0.3 * jax.random.normal(keys[2], (3, 5))}, batch
+
+
+@pytest.mark.parametrize("solver_name,phase", [("rbp", "free"), ("lcp", "controlled")])
+def test_quorum_drops_the_examples_it_cuts_off(solver_name, phase):
+  """With a quorum on a phase, the batch stops when 3 of 4 examples converged; the
+  update is then exactly the one of the 3 converged examples alone. (lcp: weak control,
+  u eliminated, so the slow example's controlled rate is r + 1/alpha = 0.0101.)"""
+  problem, params, batch = _slow_example_problem()
+  euler = {"strategy": "euler", "strategy_options": {"dt": 0.5}, "rtol": 1e-8,
+           "max_steps": 3000}
+  options = {"free": euler}
+  if phase == "controlled":
+    options.update(controlled=euler, alpha=100.0, controlled_solve="reduced")
+  cut = dict(options, **{phase: dict(euler, quorum=0.75)})
+  est = zoo.solver_estimate((problem, params, batch), solver_name, **cut)
+  np.testing.assert_array_equal(est.valid, [True, True, False, True])
+  assert int(est.stats[f"{phase}/iterations"][2]) < 200  # not run to max_steps
+  fast = jax.tree.map(lambda a: a[jnp.array([0, 1, 3])], batch)
+  alone = zoo.solver_estimate((problem, params, fast), solver_name, **options)
+  np.testing.assert_allclose(zoo.flat(est.grads), zoo.flat(alone.grads), rtol=1e-10,
+                             atol=1e-12)
