@@ -147,9 +147,15 @@ def completed_summaries(sweepdir: Path, solver: str) -> list[dict]:
 def export_summaries(sweepdir: Path, dest: Path) -> list[Path]:
   """Copies every run's ``summary.json`` from ``sweepdir`` to ``dest`` (same layout,
   paths made relative to the sweep), so that a table can be re-made, and completed,
-  from the committed summaries on another machine. Returns the files written."""
+  from the committed summaries on another machine; and its ``metrics.jsonl`` (the
+  training curves, a few KB). Returns the summaries written."""
   out = []
   for path in sorted(Path(sweepdir).glob("runs/*/*/seed*/summary.json")):
+    curves = path.with_name("metrics.jsonl")
+    if curves.exists():
+      target = Path(dest) / curves.relative_to(sweepdir)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      records.atomic_write_text(target, curves.read_text())
     s = read_json(path)
     for key in ("workdir", "checkpoint"):
       if s.get(key):

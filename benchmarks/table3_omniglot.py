@@ -39,7 +39,7 @@ import numpy as np
 
 import problems
 from launch import config as cfglib
-from launch.records import atomic_write_text
+from launch import records
 
 from benchmarks import common
 
@@ -119,6 +119,34 @@ def _variant_rows(label: str, sweepdir: Path) -> list[str]:
   return rows or [f"| {label} | (no completed run in `{sweepdir}`) | | | | | | |"]
 
 
+CURVES = (("loss", "query loss at phi*"), ("accuracy", "query accuracy at phi*"),
+          ("H", "H = 1/2 ||u||^2 (lcp)"), ("controlled_loss", "query loss at the controlled "
+                                                           "state (lcp)"))
+
+
+def _curve_rows(sweepdir: Path, solvers: list[str]) -> list[str]:
+  """First and last training window of each solver's curves (``metrics.jsonl`` beside
+  the summaries), mean over seeds: whether meta-training lowered the query loss at
+  the free equilibrium, which a rule can fail to do while lowering its own objective."""
+  rows = ["| method | seeds | " + " | ".join(f"{name}: first → last window"
+                                            for _, name in CURVES) + " |",
+          "|---|---:|" + "---:|" * len(CURVES)]
+  for solver in solvers:
+    files = [p.with_name("metrics.jsonl") for p in common.summary_paths(sweepdir, solver)]
+    curves = [[r for r in records.read_jsonl(f) if r.get("split") == "train"]
+              for f in files if f.exists()]
+    curves = [c for c in curves if c]
+    if not curves:
+      continue
+    cells = []
+    for key, _ in CURVES:
+      ends = [(c[0][key], c[-1][key]) for c in curves if key in c[0] and key in c[-1]]
+      cells.append(f"{np.mean([a for a, _ in ends]):.3g} → {np.mean([b for _, b in ends]):.3g}"
+                   if ends else "-")
+    rows.append(f"| `{solver}` | {len(curves)} | " + " | ".join(cells) + " |")
+  return rows
+
+
 def _protocol(spec: str, config) -> list[str]:
   o = config.problem_options
   free = config.solvers.lcp.free
@@ -183,6 +211,10 @@ def _report(args, pairs, overrides, solvers, variants) -> list[str]:
                  f"{_pct(init['test_accuracy'])} ± {_pct(init['test_accuracy_ci95'])} | - | "
                  f"1 | - | - | - | {init['test_free_residual']:.2f} / "
                  f"{init['test_free_residual_max']:.2f} |")
+  curves = _curve_rows(args.sweepdir, solvers)
+  if len(curves) > 2:
+    lines += ["", "## Training curves (meta-training tasks, first and last logging window)",
+              ""] + curves
   if variants:
     lines += ["", "## Variants (same protocol, other solver options)", ""] + HEADER
     for label, sweepdir in variants:
@@ -227,7 +259,7 @@ def main(argv=None) -> int:
 
   lines = _report(args, pairs, overrides, solvers, variants)
   lines.append(f"Generated in {time.time() - t0:.0f} s.")
-  atomic_write_text(args.out, "\n".join(lines) + "\n")
+  records.atomic_write_text(args.out, "\n".join(lines) + "\n")
   print("\n".join(lines))
   print(f"wrote {args.out}")
   return 0

@@ -199,15 +199,15 @@ class Reduced:
   construction (eq. 6), so the relaxation's residual is the full field's.
   """
 
-  def solve(self, relaxation, field: fp.Field, z0: PyTree,
-            pin: Callable[[PyTree], PyTree],
-            axis_name: Optional[str] = None) -> fp.FixedPointResult:
+  @staticmethod
+  def field(field: fp.Field, pin: Callable[[PyTree], PyTree]) -> fp.Field:
+    """The controlled field on the pinned state, the ``u`` block's rate set to 0."""
+
     def reduced(z):
       dz = field(pin(z))
       return dz._replace(u=tu.tree_zeros_like(dz.u))
 
-    res = relaxation.solve(reduced, pin(z0), axis_name)
-    return res._replace(value=pin(res.value))
+    return reduced
 
 
 ROUTES = ("relaxation", "newton", "reduced")
@@ -231,26 +231,33 @@ def make_route(spec: Optional[str | Mapping[str, Any]]) -> Route:
   return NewtonKrylov(**options) if method == "newton" else None
 
 
-def solve_controlled(route: Route, relaxation, field: fp.Field, z0: PyTree,
-                     pin: Optional[Callable[[PyTree], PyTree]] = None,
-                     axis_name: Optional[str] = None) -> fp.FixedPointResult:
-  """The controlled steady state from ``z0``: ``relaxation.solve`` when ``route``
-  is None; with ``u`` eliminated by ``pin`` (:class:`Reduced`); else
-  Newton-Krylov to the relaxation's tolerance, with the relaxation finishing
-  (from z0) what Newton leaves unconverged. ``axis_name``: the vmapped batch
-  axis a relaxation's quorum is counted over."""
+def solve_controlled(route: Route, relaxation, make_field: Callable[[PyTree], fp.Field],
+                     make_pin: Callable[[PyTree], Callable[[PyTree], PyTree]],
+                     inputs: PyTree, z0: PyTree) -> fp.FixedPointResult:
+  """The controlled steady states of a batch from ``z0`` (leading axis: examples);
+  ``make_field(inputs_i)`` / ``make_pin(inputs_i)`` give example i's field and u-pin.
+
+  ``relaxation.solve_batch`` when ``route`` is None; with ``u`` eliminated
+  (:class:`Reduced`); else Newton-Krylov per example to the relaxation's
+  tolerance, with the relaxation finishing (from z0) what Newton leaves
+  unconverged.
+  """
+  pin_each = lambda zs: jax.vmap(lambda i, z: make_pin(i)(z))(inputs, zs)
   if route is None:
-    return relaxation.solve(field, z0, axis_name)
+    return relaxation.solve_batch(make_field, inputs, z0)
   if isinstance(route, Reduced):
-    return route.solve(relaxation, field, z0, pin, axis_name)
-  newton = route.solve(field, z0, rtol=relaxation.rtol, atol=relaxation.atol,
-                       max_steps=min(route.max_work, relaxation.max_steps),
-                       block_floor=relaxation.block_floor)
+    res = relaxation.solve_batch(lambda i: route.field(make_field(i), make_pin(i)), inputs,
+                                 pin_each(z0))
+    return res._replace(value=pin_each(res.value))
+  newton = jax.vmap(lambda i, z: route.solve(
+      make_field(i), z, rtol=relaxation.rtol, atol=relaxation.atol,
+      max_steps=min(route.max_work, relaxation.max_steps),
+      block_floor=relaxation.block_floor))(inputs, z0)
   if not route.fallback:
     return newton
-  # A converged example starts the relaxation at its solution, so it takes 0
-  # steps there (vmapped while-loops run until every example is done).
-  start = jax.tree.map(lambda a, b: jnp.where(newton.converged, a, b), newton.value, z0)
-  relaxed = relaxation.solve(field, start, axis_name)
+  # A converged example starts the relaxation at its solution, so it takes 0 steps
+  # there (the batch runs until every example is done).
+  start = fp.select_examples(newton.converged, newton.value, z0)
+  relaxed = relaxation.solve_batch(make_field, inputs, start)
   return relaxed._replace(iterations=newton.iterations + relaxed.iterations,
                           initial_residual=newton.initial_residual)

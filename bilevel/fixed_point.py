@@ -36,7 +36,9 @@ state still keeps its own relative test. ``atol`` remains for states that tend
 to 0 as a whole.
 The engine is written for one example; ``jax.vmap`` over it gives per-example
 stopping (an example that converged is frozen while the others continue), and a
-diverging example only marks its own status.
+diverging example only marks its own status. :func:`solve_compacted` is that
+vmap with the batch shrunk to the examples still running, so that a few slow
+examples do not make every step cost the whole batch.
 
 ``steps_per_check`` runs several strategy steps (unrolled in Python) per
 while-loop iteration. On CPU, convolutions inside a while-loop body run several
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
@@ -297,6 +300,112 @@ def solve_fixed_point(field: Field,
 
   k, z, fz, _ = jax.lax.while_loop(cond, body, init)
   return _result(z, fz, k, rtol, atol, block_floor, fz0)
+
+
+def _take(tree: PyTree, idx: jax.Array) -> PyTree:
+  return jax.tree.map(lambda a: a[idx], tree)
+
+
+def _put(tree: PyTree, idx: jax.Array, part: PyTree) -> PyTree:
+  return jax.tree.map(lambda a, b: a.at[idx].set(b), tree, part)
+
+
+def select_examples(flags: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Per example (leading axis): ``new`` where ``flags``, else ``old``."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(flags.reshape(flags.shape + (1,) * (a.ndim - 1)), a, b),
+      new, old)
+
+
+def compaction_sizes(batch_size: int, stages: int) -> list[int]:
+  """Working-set sizes of :func:`solve_compacted`: ``B, ceil(B/2), ceil(B/4), ...``,
+  ``stages`` halvings at most, each size once."""
+  sizes = [batch_size]
+  for _ in range(stages):
+    if sizes[-1] == 1:
+      break
+    sizes.append(-(-sizes[-1] // 2))
+  return sizes
+
+
+def solve_compacted(make_field: Callable[[PyTree], Field],
+                    inputs: PyTree,
+                    z0: PyTree,
+                    strategy: Strategy = Euler(),
+                    *,
+                    stages: int,
+                    rtol: float = 1e-5,
+                    atol: float = 0.0,
+                    max_steps: int = 800,
+                    steps_per_check: int = 1,
+                    block_floor: float = BLOCK_FLOOR) -> FixedPointResult:
+  """``jax.vmap`` of :func:`solve_fixed_point` over a batch, on a shrinking working set.
+
+  ``make_field(inputs_i)`` is example i's field; ``inputs`` and ``z0`` carry the
+  batch on their leading axis ``[B, ...]``. A vmapped while-loop evaluates the
+  field on all B examples until the slowest one stops, so a few examples that
+  need many more steps (or never settle) set the cost of the batch. Here the
+  loop runs on all B until at most ``ceil(B/2)`` are still running, then
+  gathers those into a working set of half the size, and so on for ``stages``
+  halvings; the last working set runs until every example in it has stopped.
+  Each example follows exactly the iterates, stopping rule and budget it has
+  under ``jax.vmap(solve_fixed_point)`` (same per-example result up to the
+  rounding of a different batch size), at a cost of about
+  ``sum_s size_s * steps_s`` field evaluations instead of ``B * max steps``.
+  Worth it where the cost of a step grows with the batch (CPU); on an
+  accelerator a small working set costs about as much as a big one.
+  """
+  if max_steps < 0 or steps_per_check < 1 or stages < 0:
+    raise ValueError("max_steps and stages must be >= 0 and steps_per_check >= 1")
+  batch_size = jax.tree.leaves(z0)[0].shape[0]
+  fields = lambda inp, z: jax.vmap(lambda i, zi: make_field(i)(zi))(inp, z)
+  running = functools.partial(_running, rtol=rtol, atol=atol, max_steps=max_steps,
+                              block_floor=block_floor)
+  fz0 = fields(inputs, z0)
+  carry = (jnp.zeros((batch_size,), jnp.int32), z0, fz0, jax.vmap(strategy.init)(z0, fz0))
+  sizes = compaction_sizes(batch_size, stages)
+  idx = jnp.arange(batch_size)
+  for stage in range(len(sizes)):
+    # Stop this stage once the next, smaller working set can hold every example
+    # still running (the last stage: once none is).
+    leave_at = sizes[stage + 1] if stage + 1 < len(sizes) else 0
+    part_fields = functools.partial(fields, _take(inputs, idx))
+    part = _compacted_stage(part_fields, strategy, running, _take(carry, idx), leave_at,
+                            steps_per_check)
+    carry = _put(carry, idx, part)
+    if stage + 1 < len(sizes):
+      # The still-running examples first (a stable sort keeps batch order), padded
+      # with stopped ones, which the loop leaves unchanged.
+      idx = jnp.argsort(~running(*carry[:3]), stable=True)[:sizes[stage + 1]]
+  k, z, fz, _ = carry
+  return jax.vmap(lambda zi, fzi, ki, f0: _result(zi, fzi, ki, rtol, atol, block_floor, f0))(
+      z, fz, k, fz0)
+
+
+def _running(k, z, fz, *, rtol, atol, max_steps, block_floor) -> jax.Array:
+  """``[B]``: examples of a batch still running under :func:`solve_fixed_point`'s rule."""
+  met = jax.vmap(lambda a, b: block_tolerance_check(
+      block_norms(a), block_norms(b), rtol=rtol, atol=atol, block_floor=block_floor)[0])(fz, z)
+  finite = jax.vmap(lambda a, b: jnp.isfinite(tu.tree_norm(a)) & jnp.isfinite(
+      tu.tree_norm(b)))(fz, z)
+  return (k < max_steps) & ~met & finite
+
+
+def _compacted_stage(fields, strategy, running, carry, leave_at: int, steps_per_check: int):
+  """Steps one working set ``(k, z, F(z), strategy state)`` until at most ``leave_at``
+  of its examples still run; stopped examples are frozen, as under vmap."""
+
+  def body(c):
+    k, z, fz, state = c
+    active = running(k, z, fz)
+    z1, fz1, state1 = z, fz, state
+    for _ in range(steps_per_check):
+      z1, state1 = jax.vmap(strategy.step)(z1, fz1, state1)
+      fz1 = fields(z1)
+    z, fz, state = select_examples(active, (z1, fz1, state1), (z, fz, state))
+    return k + steps_per_check * active.astype(k.dtype), z, fz, state
+
+  return jax.lax.while_loop(lambda c: jnp.sum(running(*c[:3])) > leave_at, body, carry)
 
 
 def unrolled_fixed_point(field: Field,

@@ -36,7 +36,7 @@ from bilevel import controlled_solve as cs
 from bilevel import fixed_point as fp
 from bilevel import tree as tu
 from bilevel.problem import BilevelProblem
-from bilevel.relaxation import BATCH_AXIS, Relaxation
+from bilevel.relaxation import Relaxation
 from bilevel.solver import Gradient, Solver
 
 PyTree = Any
@@ -204,18 +204,23 @@ class LeastControl(Solver):
   def controlled_equilibria(self, problem, params, solver_params, phis, batch):
     """Per-example controlled equilibria, psi* and ||f(phi*) + psi*|| (eq. 3)."""
 
-    def one(phi, example):
+    def start(phi, example):
       if self.controlled_start == "zeros":
         phi = problem.init_state(params, example)
-      pin = lambda z: z._replace(u=self.controller.steady_state(problem, z.phi, example))
-      res = cs.solve_controlled(cs.make_route(self.controlled_solve), self.controlled,
-                                self.field(problem, params, solver_params, example),
-                                self.initial_state(problem, phi, example), pin, BATCH_AXIS)
-      psi = self.control(problem, params, solver_params, res.value, example)
-      violation = tu.tree_norm(tu.tree_add(problem.f(params, res.value.phi, example), psi))
-      return res, psi, violation
+      return self.initial_state(problem, phi, example)
 
-    return jax.vmap(one, axis_name=BATCH_AXIS)(phis, batch)
+    def read(z, example):
+      psi = self.control(problem, params, solver_params, z, example)
+      return psi, tu.tree_norm(tu.tree_add(problem.f(params, z.phi, example), psi))
+
+    pin = lambda example: lambda z: z._replace(
+        u=self.controller.steady_state(problem, z.phi, example))
+    res = cs.solve_controlled(cs.make_route(self.controlled_solve), self.controlled,
+                              lambda example: self.field(problem, params, solver_params,
+                                                         example),
+                              pin, batch, jax.vmap(start)(phis, batch))
+    psi, violation = jax.vmap(read)(res.value, batch)
+    return res, psi, violation
 
   def gradient(self, problem, params, solver_params, batch, free, mask, key) -> Gradient:
     """Theorem 1 (eq. 4) at the controlled equilibrium started at phi*."""

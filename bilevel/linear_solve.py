@@ -67,6 +67,26 @@ def solve_stable_linear(matvec: MatVec,
       relative_residual=res.residual / jnp.maximum(bnorm, jnp.finfo(bnorm.dtype).tiny))
 
 
+def solve_stable_linear_batch(make_matvec: Callable[[PyTree], MatVec], inputs: PyTree,
+                              b: PyTree, relaxation, *,
+                              method: str = "fixed_point") -> fp.FixedPointResult:
+  """:func:`solve_stable_linear` for a batch: ``make_matvec(inputs_i)`` is example i's
+  ``A``, ``b`` the right-hand sides ``[B, ...]``; strategy, tolerances and budget from
+  ``relaxation`` (a :class:`bilevel.relaxation.Relaxation`), whose ``solve_batch``
+  (and so its compaction) runs the ``fixed_point`` method."""
+  if method != "fixed_point":
+    return jax.vmap(lambda i, bi: solve_stable_linear(
+        make_matvec(i), bi, method=method, strategy=relaxation.strategy,
+        rtol=relaxation.rtol, atol=relaxation.atol, max_steps=relaxation.max_steps,
+        block_floor=relaxation.block_floor))(inputs, b)
+  res = relaxation.solve_batch(
+      lambda ib: lambda x: tu.tree_sub(make_matvec(ib[0])(x), ib[1]), (inputs, b),
+      tu.tree_zeros_like(b))
+  bnorm = jax.vmap(tu.tree_norm)(b)
+  return res._replace(
+      relative_residual=res.residual / jnp.maximum(bnorm, jnp.finfo(bnorm.dtype).tiny))
+
+
 def conjugate_gradient(matvec: MatVec, b: PyTree, x0: PyTree, *, rtol: float,
                        atol: float, max_steps: int,
                        block_floor: float = fp.BLOCK_FLOOR) -> fp.FixedPointResult:

@@ -8,7 +8,9 @@ options, configurable by name from a config dict.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
+
+import jax
 
 from bilevel import fixed_point as fp
 
@@ -36,6 +38,9 @@ class Relaxation:
   # the others are reported unconverged and left out of the batch mean
   # (BatchMask.refine). Acts where the solver vmaps with BATCH_AXIS.
   quorum: float = 1.0
+  # > 0: solve_batch shrinks the vmapped batch to the examples still running, in
+  # up to this many halvings (fixed_point.solve_compacted); 0: plain vmap.
+  compaction: int = 0
 
   def __post_init__(self):
     if self.rtol < 0 or self.atol < 0:
@@ -46,6 +51,12 @@ class Relaxation:
                        f"{self.max_steps} and {self.steps_per_check}")
     if not 0 < self.quorum <= 1:
       raise ValueError(f"relaxation quorum must be in (0, 1], got {self.quorum}")
+    if self.compaction < 0:
+      raise ValueError(f"relaxation compaction (halvings of the batch) must be >= 0, got "
+                       f"{self.compaction}")
+    if self.compaction and self.quorum < 1:
+      raise ValueError("relaxation quorum and compaction are alternatives (both cut the "
+                       "cost of slow examples): set one of them")
     if not 0 <= self.block_floor <= 1:
       raise ValueError(f"relaxation block_floor must be in [0, 1], got {self.block_floor}")
 
@@ -57,6 +68,19 @@ class Relaxation:
                                 steps_per_check=self.steps_per_check,
                                 block_floor=self.block_floor, quorum=self.quorum,
                                 axis_name=axis_name)
+
+  def solve_batch(self, make_field: Callable[[PyTree], fp.Field], inputs: PyTree,
+                  z0: PyTree) -> fp.FixedPointResult:
+    """Per-example solves of a batch: ``make_field(inputs_i)`` is example i's field;
+    ``inputs`` and ``z0`` carry the batch on their leading axis. ``jax.vmap`` of
+    :meth:`solve` over :data:`BATCH_AXIS`, or the compacting loop."""
+    if self.compaction:
+      return fp.solve_compacted(make_field, inputs, z0, self.strategy, stages=self.compaction,
+                                rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
+                                steps_per_check=self.steps_per_check,
+                                block_floor=self.block_floor)
+    return jax.vmap(lambda i, z: self.solve(make_field(i), z, BATCH_AXIS),
+                    axis_name=BATCH_AXIS)(inputs, z0)
 
   def unrolled(self, field: fp.Field, z0: PyTree,
                num_steps: int | None = None) -> fp.FixedPointResult:
@@ -70,7 +94,7 @@ class Relaxation:
 def relaxation_from_config(cfg: Mapping[str, Any] | Relaxation | None,
                            default: Relaxation = Relaxation()) -> Relaxation:
   """Builds a Relaxation from ``{strategy: name, strategy_options: {...}, rtol,
-  atol, max_steps, steps_per_check, block_floor, quorum}``; missing keys keep ``default``'s
+  atol, max_steps, steps_per_check, block_floor, quorum, compaction}``; missing keys keep ``default``'s
   values."""
   if cfg is None:
     return default
@@ -78,7 +102,7 @@ def relaxation_from_config(cfg: Mapping[str, Any] | Relaxation | None,
     return cfg
   cfg = dict(cfg)
   allowed = {"strategy", "strategy_options", "rtol", "atol", "max_steps", "steps_per_check",
-             "block_floor", "quorum"}
+             "block_floor", "quorum", "compaction"}
   unknown = set(cfg) - allowed
   if unknown:
     raise ValueError(f"unknown relaxation option(s) {sorted(unknown)}; "

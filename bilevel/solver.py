@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from bilevel import tree as tu
 from bilevel.fixed_point import FixedPointResult, Status
 from bilevel.problem import BilevelProblem
-from bilevel.relaxation import BATCH_AXIS, Relaxation
+from bilevel.relaxation import Relaxation
 from bilevel.stability import leading_eigenvalue
 
 PyTree = Any
@@ -234,11 +234,9 @@ class Solver:
                        batch: PyTree) -> FixedPointResult:
     """phi* with f(phi*, theta) = 0 for every example (vmapped relaxation)."""
 
-    def one(example):
-      field = lambda s: problem.f(params, s, example)
-      return self.free.solve(field, problem.init_state(params, example), BATCH_AXIS)
-
-    return jax.vmap(one, axis_name=BATCH_AXIS)(batch)
+    starts = jax.vmap(lambda example: problem.init_state(params, example))(batch)
+    return self.free.solve_batch(lambda example: lambda s: problem.f(params, s, example),
+                                 batch, starts)
 
   @staticmethod
   def batch_loss(problem: BilevelProblem, states: PyTree, batch: PyTree):

@@ -48,11 +48,8 @@ def nudged_field(problem: BilevelProblem, params: PyTree, example: PyTree, beta:
 def nudged_equilibria(problem: BilevelProblem, params: PyTree, batch: PyTree, beta: float,
                       relaxation: Relaxation, starts: PyTree) -> FixedPointResult:
   """Per-example equilibria of ``E + beta L`` from ``starts`` (leading batch axis)."""
-
-  def one(start, example):
-    return relaxation.solve(nudged_field(problem, params, example, beta), start)
-
-  return jax.vmap(one)(starts, batch)
+  return relaxation.solve_batch(lambda example: nudged_field(problem, params, example, beta),
+                                batch, starts)
 
 
 def energy_contrast_grad(problem: BilevelProblem, params: PyTree, high: PyTree, low: PyTree,

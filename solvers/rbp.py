@@ -42,16 +42,10 @@ class RecurrentBackprop(Solver):
 
   def gradient(self, problem, params, solver_params, batch, free, mask, key) -> Gradient:
     """Adjoint ``d_phi f^T w = -grad_phi L`` per example, then ``d_theta f^T w``."""
-
-    def adjoint_solve(phi, example):
-      matvec = lambda w: problem.state_vjp(params, phi, example, w)
-      rhs = tu.tree_scale(-1.0, problem.loss_grad(phi, example))
-      return linear_solve.solve_stable_linear(
-          matvec, rhs, method=self.adjoint_method, strategy=self.adjoint.strategy,
-          rtol=self.adjoint.rtol, atol=self.adjoint.atol,
-          max_steps=self.adjoint.max_steps)
-
-    adj = jax.vmap(adjoint_solve)(free.value, batch)
+    matvec = lambda inputs: lambda w: problem.state_vjp(params, inputs[0], inputs[1], w)
+    rhs = tu.tree_scale(-1.0, jax.vmap(problem.loss_grad)(free.value, batch))
+    adj = linear_solve.solve_stable_linear_batch(matvec, (free.value, batch), rhs,
+                                                 self.adjoint, method=self.adjoint_method)
     mask = mask.refine(adj)
     grads = mask.params_vjp(problem, params, free.value, batch, adj.value)
     return Gradient(grads, (), {"adjoint": adj}, {}, mask)

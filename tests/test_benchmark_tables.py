@@ -80,6 +80,9 @@ def _fake_omniglot_run(sweepdir: Path, solver: str, cell: str, seed: int, accura
       "wall_time_s": 600.0, "workdir": str(workdir), "train": train,
       "eval": {"test_accuracy": accuracy, "test_accuracy_ci95": 0.01,
                "test_free_residual": 0.3, "test_free_residual_max": 1.2}}))
+  curve = [{"split": "train", "step": s, "loss": loss, "accuracy": acc}
+           for s, loss, acc in ((10, 1.5, accuracy / 2), (100, 1.0, accuracy))]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
 
 
 def test_table3_report_from_fake_summaries(tmp_path):
@@ -102,6 +105,8 @@ def test_table3_report_from_fake_summaries(tmp_path):
   assert (f"| LCP (`lcp`) | 65.00 ± 1.00 | {std:.2f} | 2 | 2.00 | 10.0 | "
           "free 0.50 / 1e-03; controlled 0.25 / 2e-02 | 0.30 / 1.20 |") in text
   assert "| CML (`cml`) | (no completed run)" in text
+  # Training curves: first -> last window, mean over the two seeds; no H logged.
+  assert "| `lcp` | 2 | 1.5 → 1 | 0.325 → 0.65 | - | - |" in text
   assert "| alpha sweep: `lcp` solvers.lcp.alpha=0.01 | 30.00 ± 1.00 | - | 1 |" in text
   assert "| alpha sweep: `lcp` solvers.lcp.alpha=1 | 40.00 ± 1.00 | - | 1 |" in text
   assert "unrotated" in text and "5-way 1-shot" in text  # the data protocol is stated
@@ -115,6 +120,8 @@ def test_exported_summaries_carry_no_paths_of_this_machine(tmp_path):
   _fake_omniglot_run(sweep, "cml", "default", 2, 0.5, {})
   (written,) = common.export_summaries(sweep, tmp_path / "committed")
   assert written == tmp_path / "committed/runs/cml/default/seed2/summary.json"
+  assert written.with_name("metrics.jsonl").read_text() == (
+      sweep / "runs/cml/default/seed2/metrics.jsonl").read_text()
   summary = json.loads(written.read_text())
   assert summary["workdir"] == "runs/cml/default/seed2" and summary["eval"]["test_accuracy"] == 0.5
   assert str(tmp_path) not in written.read_text()

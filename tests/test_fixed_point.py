@@ -8,6 +8,7 @@ import pytest
 
 from bilevel import (Anderson, Euler, OptaxStrategy, Status, make_strategy,
                      solve_fixed_point, unrolled_fixed_point)
+from bilevel.fixed_point import compaction_sizes, solve_compacted
 
 
 def _contraction(n=20, rho=0.9, seed=0):
@@ -172,3 +173,43 @@ def test_quorum_stops_the_batch_when_enough_examples_converged():
   assert int(cut.iterations[2]) == int(jnp.max(full.iterations[fast])) < 100
   with pytest.raises(ValueError, match="quorum"):
     solve_fixed_point(lambda z: -z, jnp.zeros(2), quorum=0.0)
+
+
+@pytest.mark.parametrize("strategy,steps_per_check", [(Euler(0.7), 1),
+                                                      (Anderson(1.0, memory=4), 3)])
+def test_compaction_gives_every_example_its_vmapped_result(strategy, steps_per_check):
+  """solve_compacted = jax.vmap(solve_fixed_point) per example -- iterates, iteration
+  counts and statuses -- on a batch whose examples need from ~20 to 3000+ steps,
+  with one diverging (NONFINITE) and one unsettled (MAX_STEPS) example."""
+  rates = jnp.array([0.9, 0.02, 0.5, -0.3, 0.7, 0.004, 1e-4, 0.6, 0.05, 0.8, 0.3])
+  shifts = jnp.linspace(-1.0, 1.0, rates.shape[0])
+
+  def make_field(inp):
+    rate, shift = inp
+    # A nonlinear, per-example field; rate < 0 makes the example diverge.
+    return lambda z: {"a": rate * (jnp.tanh(z["b"]) + shift - z["a"]),
+                      "b": rate * (0.5 * z["a"] - z["b"])}
+
+  z0 = {"a": jnp.zeros((rates.shape[0], 3)), "b": jnp.ones((rates.shape[0], 3))}
+  opts = dict(rtol=1e-9, max_steps=3000, steps_per_check=steps_per_check)
+  vmapped = jax.jit(jax.vmap(lambda i, z: solve_fixed_point(make_field(i), z, strategy,
+                                                            **opts)))((rates, shifts), z0)
+  compacted = jax.jit(lambda i, z: solve_compacted(make_field, i, z, strategy, stages=3,
+                                                   **opts))((rates, shifts), z0)
+  statuses = np.asarray(vmapped.status)
+  if isinstance(strategy, Euler):  # (Anderson solves the fixed point of every example)
+    assert {Status.CONVERGED, Status.MAX_STEPS, Status.NONFINITE} <= set(statuses.tolist())
+  np.testing.assert_array_equal(compacted.status, statuses)
+  np.testing.assert_array_equal(compacted.iterations, vmapped.iterations)
+  finite = statuses != Status.NONFINITE
+  for key in ("a", "b"):
+    np.testing.assert_allclose(compacted.value[key][finite], vmapped.value[key][finite],
+                               rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(compacted.residual[finite], vmapped.residual[finite],
+                             rtol=1e-9, atol=1e-15)
+
+
+def test_compaction_sizes_halve_down_to_one():
+  assert compaction_sizes(64, 3) == [64, 32, 16, 8]
+  assert compaction_sizes(5, 10) == [5, 3, 2, 1]
+  assert compaction_sizes(7, 0) == [7]
