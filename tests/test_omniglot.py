@@ -8,7 +8,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -20,7 +19,6 @@ from launch import config as cfglib
 from bilevel.train import data_mesh, init_train_state, make_train_step, replicate_on
 from configs import omniglot as omniglot_config
 from problems import convnet
-from problems import omniglot
 
 ALL_SOLVERS = ("lcp", "imaml", "cml", "rbp", "t1t2", "fomaml", "reptile", "bp")
 

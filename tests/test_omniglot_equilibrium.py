@@ -15,7 +15,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import solvers
-from bilevel import tree as tu
 from bilevel.problem import BilevelProblem
 from configs import omniglot as omniglot_config
 from problems import convnet
