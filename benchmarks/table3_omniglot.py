@@ -120,7 +120,7 @@ def _variant_rows(label: str, sweepdir: Path) -> list[str]:
 
 
 CURVES = (("loss", "query loss at phi*"), ("accuracy", "query accuracy at phi*"),
-          ("H", "H = 1/2 ||u||^2 (lcp)"), ("controlled_loss", "query loss at the controlled "
+          ("H", "H = ½‖u‖² (lcp)"), ("controlled_loss", "query loss at the controlled "
                                                            "state (lcp)"))
 
 

@@ -36,7 +36,7 @@ class Relaxation:
   block_floor: float = fp.BLOCK_FLOOR
   # < 1: a vmapped batch stops once this fraction of its examples has finished;
   # the others are reported unconverged and left out of the batch mean
-  # (BatchMask.refine). Acts where the solver vmaps with BATCH_AXIS.
+  # (BatchMask.refine). Acts in solve_batch (a vmap over BATCH_AXIS).
   quorum: float = 1.0
   # > 0: solve_batch shrinks the vmapped batch to the examples still running, in
   # up to this many halvings (fixed_point.solve_compacted); 0: plain vmap.
@@ -94,8 +94,8 @@ class Relaxation:
 def relaxation_from_config(cfg: Mapping[str, Any] | Relaxation | None,
                            default: Relaxation = Relaxation()) -> Relaxation:
   """Builds a Relaxation from ``{strategy: name, strategy_options: {...}, rtol,
-  atol, max_steps, steps_per_check, block_floor, quorum, compaction}``; missing keys keep ``default``'s
-  values."""
+  atol, max_steps, steps_per_check, block_floor, quorum, compaction}``; missing keys
+  keep ``default``'s values."""
   if cfg is None:
     return default
   if isinstance(cfg, Relaxation):

@@ -125,3 +125,19 @@ def test_exported_summaries_carry_no_paths_of_this_machine(tmp_path):
   summary = json.loads(written.read_text())
   assert summary["workdir"] == "runs/cml/default/seed2" and summary["eval"]["test_accuracy"] == 0.5
   assert str(tmp_path) not in written.read_text()
+
+
+def test_table3_rows_are_remade_from_the_committed_summaries(tmp_path):
+  """The committed table's measured rows (same protocol, training curves) come from
+  the summaries committed beside it: re-made here, they are the same lines."""
+  t3 = _load("table3_omniglot")
+  committed = ROOT / "benchmarks/results/table3_omniglot_cpu/main"
+  table = (ROOT / "benchmarks/results/table3_omniglot.md").read_text()
+  out = tmp_path / "t3.md"
+  assert t3.main(["--config", "omniglot:cpu", "--seeds", "0,1,2", "--sweepdir", str(committed),
+                  "--report_only", "--no_init_row", "--out", str(out)]) == 0
+  rows = [line for line in out.read_text().splitlines()
+          if line.startswith("| `") or (line.startswith("| ") and "(`" in line)]
+  assert len(rows) == 2 * len(t3.ORDER), rows  # a same-protocol row and a curve row each
+  for line in rows:
+    assert line in table, line
