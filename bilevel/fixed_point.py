@@ -279,10 +279,7 @@ def solve_fixed_point(field: Field,
   init = (jnp.zeros((), jnp.int32), z0, fz0, strategy.init(z0, fz0))
 
   def done(carry):
-    _, z, fz, _ = carry
-    met, _ = block_tolerance_check(block_norms(fz), block_norms(z), rtol=rtol, atol=atol,
-                                   block_floor=block_floor)
-    return met | ~jnp.isfinite(tu.tree_norm(fz)) | ~jnp.isfinite(tu.tree_norm(z))
+    return _stopped(carry[1], carry[2], rtol=rtol, atol=atol, block_floor=block_floor)
 
   def cond(carry):
     running = (carry[0] < max_steps) & ~done(carry)
@@ -382,13 +379,18 @@ def solve_compacted(make_field: Callable[[PyTree], Field],
       z, fz, k, fz0)
 
 
+def _stopped(z, fz, *, rtol, atol, block_floor) -> jax.Array:
+  """One example's stopping rule: converged, or no longer finite."""
+  met, _ = block_tolerance_check(block_norms(fz), block_norms(z), rtol=rtol, atol=atol,
+                                 block_floor=block_floor)
+  return met | ~jnp.isfinite(tu.tree_norm(fz)) | ~jnp.isfinite(tu.tree_norm(z))
+
+
 def _running(k, z, fz, *, rtol, atol, max_steps, block_floor) -> jax.Array:
   """``[B]``: examples of a batch still running under :func:`solve_fixed_point`'s rule."""
-  met = jax.vmap(lambda a, b: block_tolerance_check(
-      block_norms(a), block_norms(b), rtol=rtol, atol=atol, block_floor=block_floor)[0])(fz, z)
-  finite = jax.vmap(lambda a, b: jnp.isfinite(tu.tree_norm(a)) & jnp.isfinite(
-      tu.tree_norm(b)))(fz, z)
-  return (k < max_steps) & ~met & finite
+  stopped = jax.vmap(functools.partial(_stopped, rtol=rtol, atol=atol,
+                                       block_floor=block_floor))(z, fz)
+  return (k < max_steps) & ~stopped
 
 
 def _compacted_stage(fields, strategy, running, carry, leave_at: int, steps_per_check: int):
