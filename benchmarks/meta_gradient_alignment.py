@@ -100,14 +100,16 @@ def _tight(phase: dict, steps: int) -> dict:
 
 
 def _solver_specs(c, tight_steps: int) -> dict[str, Any]:
-  """name -> solver: the preset's options, then the equilibrium solvers solved tightly."""
+  """name -> solver: the preset's options, then (``tight_steps`` > 0) the equilibrium
+  solvers solved tightly."""
   opts = {k: schema.to_dict(c.solvers[k]) for k in c.solvers}
   spc1 = lambda d: dict(d, steps_per_check=1)  # small compiles; same steps
   free = spc1(opts["lcp"]["free"])
   tight_free = _tight(free, tight_steps)
   out = {}
-  for label, fr, phase in (("", free, spc1), (" tight", tight_free,
-                                               lambda d: _tight(d, tight_steps))):
+  variants = [("", free, spc1)] + [(" tight", tight_free, lambda d: _tight(d, tight_steps))
+                                   ] * bool(tight_steps)
+  for label, fr, phase in variants:
     for a in LCP_ALPHAS:
       controlled = phase(opts["lcp"]["controlled"])
       controlled["strategy_options"] = dict(
@@ -126,8 +128,10 @@ def _solver_specs(c, tight_steps: int) -> dict[str, Any]:
   return out
 
 
-def _exact_implicit(problem, params, batch, steps: int) -> tuple[np.ndarray, float]:
-  """(a): lambda (hess E(phi*))^{-1} grad L_eval(phi*), batch mean; phi* tight."""
+def _exact_implicit(problem, params, batch, steps: int,
+                    strategy: fp.Strategy) -> tuple[np.ndarray, float]:
+  """(a): lambda (hess E(phi*))^{-1} grad L_eval(phi*), batch mean; phi* tight (the
+  preset's free-phase rule run to rtol 1e-12)."""
   lam = 0.5
   grads, resid = [], []
   for i in range(jax.tree.leaves(batch)[0].shape[0]):
@@ -136,9 +140,8 @@ def _exact_implicit(problem, params, batch, steps: int) -> tuple[np.ndarray, flo
     x0, unravel = ravel_pytree(phi0)
     energy = lambda x: problem.energy(params, unravel(x), ex)
     field = jax.jit(lambda x: -jax.grad(energy)(x))
-    res = fp.solve_fixed_point(field, x0, fp.make_strategy(
-        "sgd", learning_rate=0.01, momentum=0.95, nesterov=True), rtol=1e-12,
-        max_steps=steps, steps_per_check=1)
+    res = fp.solve_fixed_point(field, x0, strategy, rtol=1e-12, max_steps=steps,
+                               steps_per_check=1)
     x = res.value
     print(f"  tight free phase: task {i}, residual {float(res.residual):.2e}, "
           f"{int(res.iterations)} steps", flush=True)
@@ -164,9 +167,11 @@ def _phases(est) -> str:
 def _run_cell(net: str, n_way: int, omega: str, args) -> list[tuple]:
   print(f"cell {net} {n_way}-way omega={omega}", flush=True)
   c, problem, params, batch = _setup(net, n_way, omega, args)
-  specs = _solver_specs(c, args.tight_steps)
+  specs = _solver_specs(c, args.tight_steps if net in args.tight_nets.split(",") else 0)
+  free = c.solvers.lcp.free
   t0 = time.time()
-  exact, resid = _exact_implicit(problem, params, batch, args.tight_steps)
+  exact, resid = _exact_implicit(problem, params, batch, args.tight_steps, fp.make_strategy(
+      free.strategy, **schema.to_dict(free.strategy_options)))
   trunc = None
   rows = []
   for name in ["bp"] + [k for k in specs if k != "bp"]:
@@ -185,14 +190,29 @@ def _run_cell(net: str, n_way: int, omega: str, args) -> list[tuple]:
   return rows
 
 
-def _write(rows: list[tuple], args, seconds: float, notes: str) -> None:
+def _command(args) -> str:
+  return (f"python -m benchmarks.meta_gradient_alignment --channels {args.channels} "
+          f"--n-query {args.n_query} --tasks {args.tasks} --tight-steps {args.tight_steps} "
+          f"--meta-steps {args.meta_steps} --nets {args.nets} --ways {args.ways} "
+          f"--omegas {args.omegas} --tight-nets {args.tight_nets}")
+
+
+def _cell(row: tuple) -> tuple[str, str, str]:
+  return tuple(str(v) for v in row[:3])
+
+
+def _write(rows: list[tuple], kept: dict, args, seconds: float, notes: str) -> None:
+  """The table: this run's rows, and the rows (and command) of cells it did not re-run."""
+  cells = list(dict.fromkeys(_cell(r) for r in rows))
+  runs = {c: r for c, r in kept.items() if c not in cells}
+  runs.update({c: ([r for r in rows if _cell(r) == c],
+                   f"`{_command(args)}` ({platform.machine()} CPU, {os.cpu_count()} cores, "
+                   f"float64; {seconds / 60:.1f} min for the run)") for c in cells})
+  order = sorted(runs, key=lambda c: (c[0] != "smooth", int(c[1]), c[2] != "init", c[0]))
   lines = ["# Meta-gradient alignment on real Omniglot tasks", "",
-           f"Command: `python -m benchmarks.meta_gradient_alignment --channels {args.channels} "
-           f"--n-query {args.n_query} --tasks {args.tasks} --tight-steps {args.tight_steps} "
-           f"--meta-steps {args.meta_steps} --nets {args.nets} --ways {args.ways} "
-           f"--omegas {args.omegas}`",
-           f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, no accelerator; "
-           f"float64; {seconds / 60:.1f} min.", "",
+           "Cells and the command that made each (a run may make several cells):", ""]
+  lines += [f"- {'/'.join(c)}: {runs[c][1]}" for c in order]
+  lines += ["",
            f"Tasks: {args.tasks} held-out meta-training tasks per cell (the batch of step "
            f"{HELD_OUT_STEP}, seed 0), 1-shot, {args.n_query} query images per class, conv-4 "
            f"with {args.channels} channels (shrunk from 64 so the dense Hessian of (a) fits), "
@@ -202,23 +222,38 @@ def _write(rows: list[tuple], args, seconds: float, notes: str) -> None:
            f"{args.tight_steps} steps. (a) = exact implicit gradient at a tightly converged "
            "phi* (dense Hessian); (b) = jax.grad through the configured inner loop (bp). "
            "Phases: converged fraction / mean residual reduction ||F_end|| / ||F_start|| of "
-           "each phase.", "",
-           "| net | way | omega | solver | cos (a) | norm ratio (a) | cos (b) | norm ratio (b) "
-           "| phases | s |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append("| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v)
-                                   for v in r) + " |")
+           "each phase.", "", TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
+  for c in order:
+    lines += [r if isinstance(r, str) else "| " + " | ".join(
+        f"{v:.6g}" if isinstance(v, float) else str(v) for v in r) + " |" for r in runs[c][0]]
   atomic_write_text(OUT, "\n".join(lines) + "\n" + notes)
 
 
-def _notes() -> str:
-  """The reading kept under the table (everything after its first ``## `` heading)."""
+TABLE_HEADER = ("| net | way | omega | solver | cos (a) | norm ratio (a) | cos (b) | "
+                "norm ratio (b) | phases | s |")
+
+
+def _previous() -> tuple[dict, str]:
+  """From the results file: {cell: (table lines, command)} and the reading kept under the
+  table (everything from its first ``## `` heading)."""
   try:
     text = open(OUT).read()
   except FileNotFoundError:
-    return ""
+    return {}, ""
   i = text.find("\n## ")
-  return text[i:] if i >= 0 else ""
+  head, notes = (text[:i], text[i:]) if i >= 0 else (text, "")
+  commands = {}
+  for line in head.splitlines():
+    if line.startswith("- ") and ": `" in line:
+      cell, command = line[2:].split(": ", 1)
+      commands[tuple(cell.split("/"))] = command
+  kept = {}
+  for line in head.splitlines():
+    parts = [p.strip() for p in line.strip("|").split("|")]
+    if line.startswith("| ") and len(parts) == 10 and parts[1].isdigit():
+      cell = tuple(parts[:3])
+      kept.setdefault(cell, ([], commands.get(cell, "(command not recorded)")))[0].append(line)
+  return kept, notes
 
 
 def main() -> None:
@@ -231,14 +266,17 @@ def main() -> None:
   p.add_argument("--nets", default="smooth,maxpool")
   p.add_argument("--ways", default="5,20")
   p.add_argument("--omegas", default="init,trained")
+  p.add_argument("--tight-nets", default="smooth",
+                 help="nets that also get the tight rows ((a) needs an equilibrium, which "
+                 "the max-pool net does not have)")
   args = p.parse_args()
   t = time.time()
-  rows, notes = [], _notes()
+  rows, (kept, notes) = [], _previous()
   for net in args.nets.split(","):
     for way in (int(w) for w in args.ways.split(",")):
       for omega in args.omegas.split(","):
         rows += _run_cell(net, way, omega, args)
-        _write(rows, args, time.time() - t, notes)
+        _write(rows, kept, args, time.time() - t, notes)
   print(f"wrote {OUT}")
 
 

@@ -11,13 +11,13 @@ Core pieces (one concept per module):
 """
 
 from bilevel.fixed_point import (Anderson, Euler, FixedPointResult, OptaxStrategy,
-                                 Status, make_strategy, solve_fixed_point,
-                                 unrolled_fixed_point)
+                                 RestartingNesterov, Status, make_strategy,
+                                 solve_fixed_point, unrolled_fixed_point)
 from bilevel.problem import BilevelProblem, ProblemError
 from bilevel.relaxation import Relaxation
 
 __all__ = [
     "Anderson", "BilevelProblem", "Euler", "FixedPointResult", "OptaxStrategy",
-    "ProblemError", "Relaxation", "Status", "make_strategy", "solve_fixed_point",
+    "ProblemError", "Relaxation", "RestartingNesterov", "Status", "make_strategy", "solve_fixed_point",
     "unrolled_fixed_point",
 ]

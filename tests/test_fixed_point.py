@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from bilevel import (Anderson, Euler, OptaxStrategy, Status, make_strategy,
-                     solve_fixed_point, unrolled_fixed_point)
+from bilevel import (Anderson, Euler, OptaxStrategy, RestartingNesterov, Status,
+                     make_strategy, solve_fixed_point, unrolled_fixed_point)
 from bilevel.fixed_point import compaction_sizes, solve_compacted
 
 
@@ -101,6 +101,57 @@ def test_optax_strategy_minimises_an_energy():
   assert isinstance(make_strategy("sgd", learning_rate=0.1), OptaxStrategy)
   with pytest.raises(ValueError, match="unknown fixed-point strategy"):
     make_strategy("nonsense")
+
+
+def _stiff_quadratic(top: float, n: int = 20, seed: int = 2):
+  """-grad of 1/2 z'Hz - b'z with eigenvalues of H from 0.5 to ``top``; its minimiser."""
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  q, _ = jnp.linalg.qr(jax.random.normal(k1, (n, n)))
+  h = q @ jnp.diag(jnp.geomspace(0.5, top, n)) @ q.T
+  b = jax.random.normal(k2, (n,))
+  return (lambda z: b - h @ z), jnp.linalg.solve(h, b)
+
+
+def test_restarting_nesterov_converges_where_momentum_sgd_oscillates():
+  # Nesterov 0.95 at lr 0.01 is stable only for curvature < 1.34 / lr = 134.
+  strategies = {"plain": make_strategy("sgd", learning_rate=0.01, momentum=0.95,
+                                       nesterov=True),
+                "restarting": make_strategy("restarting_nesterov", learning_rate=0.01,
+                                            momentum=0.95)}
+  for top, plain_converges in ((50.0, True), (400.0, False)):
+    field, z_star = _stiff_quadratic(top)
+    res = {k: jax.jit(lambda z0, s=s: solve_fixed_point(field, z0, s, rtol=1e-9,
+                                                        max_steps=5000))(jnp.zeros(20))
+           for k, s in strategies.items()}
+    assert bool(res["plain"].converged) == plain_converges
+    assert bool(res["restarting"].converged)
+    np.testing.assert_allclose(res["restarting"].value, z_star, rtol=1e-6, atol=1e-7)
+
+
+def test_restarting_nesterov_step_rules():
+  rule = RestartingNesterov(learning_rate=0.1, momentum=0.5, shrink=0.5, grow=2.0,
+                            patience=3)
+  z = jnp.zeros(2)
+  state = rule.init(z, z)
+  # Forward force after a forward move: plain Nesterov step, trace kept.
+  state = state._replace(last_move=jnp.array([1.0, 0.0]), trace=jnp.array([2.0, 0.0]),
+                         calm_steps=jnp.asarray(1))
+  z1, s1 = rule.step(z, jnp.array([1.0, 0.0]), state)
+  np.testing.assert_allclose(s1.trace, [2.0, 0.0])  # 1 + 0.5 * 2
+  np.testing.assert_allclose(z1, [0.1 * (1.0 + 0.5 * 2.0), 0.0])
+  assert int(s1.calm_steps) == 2 and float(s1.learning_rate) == 0.1
+  # The force turns against the last move: trace reset, same step size.
+  z2, s2 = rule.step(z1, jnp.array([-1.0, 0.0]), s1)
+  np.testing.assert_allclose(s2.trace, [-1.0, 0.0])
+  assert int(s2.calm_steps) == 0 and float(s2.learning_rate) == 0.1
+  # It overshoots again right after the restart: the step halves.
+  _, s3 = rule.step(z2, jnp.array([1.0, 0.0]), s2)
+  assert float(s3.learning_rate) == 0.05 and int(s3.calm_steps) == 0
+  # After `patience` calm steps the step grows, but never above the configured one.
+  calm = s3._replace(calm_steps=jnp.asarray(3), last_move=jnp.zeros(2))
+  assert float(rule.step(z2, jnp.ones(2), calm)[1].learning_rate) == 0.1
+  calm = calm._replace(learning_rate=jnp.asarray(0.01))
+  assert float(rule.step(z2, jnp.ones(2), calm)[1].learning_rate) == 0.02
 
 
 def test_unrolled_is_differentiable_and_matches_implicit_gradient():

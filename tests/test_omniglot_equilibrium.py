@@ -131,3 +131,14 @@ def test_smooth_net_keeps_the_parameter_tree_and_is_differentiable():
   np.testing.assert_allclose(jnp.vdot(jax.grad(loss)(flat), d), fd, rtol=1e-6)
   with pytest.raises(ValueError, match="net must be one of"):
     convnet.make_convnet(5, net="relu")
+
+
+def test_smooth_net_phases_restart_and_the_max_pool_net_keeps_the_recipe():
+  """Every phase on the smooth net descends a smooth energy with adaptive restart (it
+  keeps converging at meta-trained omegas, docs/omniglot.md section 2); the max-pool
+  net keeps the CML recipe's Nesterov SGD, whose trajectory BP and FOMAML read."""
+  for preset, rule in (("cpu+smooth", "restarting_nesterov"), ("cpu", "sgd")):
+    s = omniglot_config.get_config(preset).solvers
+    phases = [s.lcp.free, s.lcp.controlled, s.cml.nudged, s.rbp.adjoint, s.bp.free]
+    assert [p.strategy for p in phases] == [rule] * len(phases), preset
+    assert s.lcp.free.strategy_options.learning_rate == 0.01  # the protocol's
