@@ -99,7 +99,8 @@ def _tight(phase: dict, steps: int) -> dict:
   return dict(phase, rtol=1e-10, max_steps=steps, steps_per_check=1)
 
 
-def _solver_specs(c, tight_steps: int) -> dict[str, Any]:
+def _solver_specs(c, tight_steps: int, alphas: tuple[float, ...] = LCP_ALPHAS,
+                  betas: tuple[float, ...] = CML_BETAS) -> dict[str, Any]:
   """name -> solver: the preset's options, then (``tight_steps`` > 0) the equilibrium
   solvers solved tightly."""
   opts = {k: schema.to_dict(c.solvers[k]) for k in c.solvers}
@@ -110,14 +111,14 @@ def _solver_specs(c, tight_steps: int) -> dict[str, Any]:
   variants = [("", free, spc1)] + [(" tight", tight_free, lambda d: _tight(d, tight_steps))
                                    ] * bool(tight_steps)
   for label, fr, phase in variants:
-    for a in LCP_ALPHAS:
+    for a in alphas:
       controlled = phase(opts["lcp"]["controlled"])
       controlled["strategy_options"] = dict(
           controlled["strategy_options"], learning_rate=omniglot_config.controlled_learning_rate(
               free["strategy_options"]["learning_rate"], a))
       lcp = dict(opts["lcp"], free=fr, alpha=a, k_i=1.0 / a, controlled=controlled)
       out[f"lcp a={a:g}{label}"] = solvers.get_solver("lcp", **lcp)
-    for b in CML_BETAS:
+    for b in betas:
       out[f"cml b={b:g}{label}"] = solvers.get_solver(
           "cml", **dict(opts["cml"], free=fr, beta=b, nudged=phase(opts["cml"]["nudged"])))
     for name in OTHERS if not label else TIGHT_OTHERS:
@@ -126,6 +127,10 @@ def _solver_specs(c, tight_steps: int) -> dict[str, Any]:
         o["adjoint"] = phase(dict(o["adjoint"], steps_per_check=1))
       out[name + label] = solvers.get_solver(name, **o)
   return out
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  return tuple(float(x) for x in text.split(","))
 
 
 def _exact_implicit(problem, params, batch, steps: int,
@@ -167,7 +172,8 @@ def _phases(est) -> str:
 def _run_cell(net: str, n_way: int, omega: str, args) -> list[tuple]:
   print(f"cell {net} {n_way}-way omega={omega}", flush=True)
   c, problem, params, batch = _setup(net, n_way, omega, args)
-  specs = _solver_specs(c, args.tight_steps if net in args.tight_nets.split(",") else 0)
+  specs = _solver_specs(c, args.tight_steps if net in args.tight_nets.split(",") else 0,
+                        _floats(args.alphas), _floats(args.betas))
   free = c.solvers.lcp.free
   t0 = time.time()
   exact, resid = _exact_implicit(problem, params, batch, args.tight_steps, fp.make_strategy(
@@ -194,7 +200,8 @@ def _command(args) -> str:
   return (f"python -m benchmarks.meta_gradient_alignment --channels {args.channels} "
           f"--n-query {args.n_query} --tasks {args.tasks} --tight-steps {args.tight_steps} "
           f"--meta-steps {args.meta_steps} --nets {args.nets} --ways {args.ways} "
-          f"--omegas {args.omegas} --tight-nets {args.tight_nets}")
+          f"--omegas {args.omegas} --tight-nets {args.tight_nets} --alphas {args.alphas} "
+          f"--betas {args.betas}")
 
 
 def _cell(row: tuple) -> tuple[str, str, str]:
@@ -269,6 +276,10 @@ def main() -> None:
   p.add_argument("--tight-nets", default="smooth",
                  help="nets that also get the tight rows ((a) needs an equilibrium, which "
                  "the max-pool net does not have)")
+  p.add_argument("--alphas", default=",".join(f"{a:g}" for a in LCP_ALPHAS),
+                 help="lcp control strengths compared")
+  p.add_argument("--betas", default=",".join(f"{b:g}" for b in CML_BETAS),
+                 help="cml nudging strengths compared")
   args = p.parse_args()
   t = time.time()
   rows, (kept, notes) = [], _previous()
