@@ -123,6 +123,8 @@ def _solver_specs(c, tight_steps: int, alphas: tuple[float, ...] = LCP_ALPHAS,
           "cml", **dict(opts["cml"], free=fr, beta=b, nudged=phase(opts["cml"]["nudged"])))
     for name in OTHERS if not label else TIGHT_OTHERS:
       o = dict(opts[name], free=fr)
+      if name == "bp":  # (b): same gradient, the unrolled loop's memory bounded (20-way)
+        o["remat"] = True
       if "adjoint" in o:
         o["adjoint"] = phase(dict(o["adjoint"], steps_per_check=1))
       out[name + label] = solvers.get_solver(name, **o)

@@ -18,6 +18,6 @@ from bilevel.relaxation import Relaxation
 
 __all__ = [
     "Anderson", "BilevelProblem", "Euler", "FixedPointResult", "OptaxStrategy",
-    "ProblemError", "Relaxation", "RestartingNesterov", "Status", "make_strategy", "solve_fixed_point",
-    "unrolled_fixed_point",
+    "ProblemError", "Relaxation", "RestartingNesterov", "Status", "make_strategy",
+    "solve_fixed_point", "unrolled_fixed_point",
 ]

@@ -470,11 +470,15 @@ def unrolled_fixed_point(field: Field,
                          rtol: float = 1e-5,
                          atol: float = 0.0,
                          unroll: int = 1,
-                         block_floor: float = BLOCK_FLOOR) -> FixedPointResult:
+                         block_floor: float = BLOCK_FLOOR,
+                         remat: bool = False) -> FixedPointResult:
   """Exactly ``num_steps`` strategy steps in a ``lax.scan``: reverse-differentiable.
 
   Used by backprop-through-iterations (``bp``, MAML). Memory grows linearly in
-  ``num_steps`` under ``jax.grad``. Convergence is judged on the final iterate.
+  ``num_steps`` under ``jax.grad``: with every intermediate of the field per step,
+  or with ``remat`` only the carried iterate and strategy state per step (the
+  field's intermediates are recomputed in the backward pass, about one more field
+  evaluation per step). Convergence is judged on the final iterate.
   """
   fz0 = field(z0)
 
@@ -482,6 +486,9 @@ def unrolled_fixed_point(field: Field,
     z, fz, state = carry
     z, state = strategy.step(z, fz, state)
     return (z, field(z), state), None
+
+  if remat:
+    body = jax.checkpoint(body)
 
   (z, fz, _), _ = jax.lax.scan(body, (z0, fz0, strategy.init(z0, fz0)), None,
                                length=num_steps, unroll=unroll)

@@ -82,13 +82,13 @@ class Relaxation:
     return jax.vmap(lambda i, z: self.solve(make_field(i), z, BATCH_AXIS),
                     axis_name=BATCH_AXIS)(inputs, z0)
 
-  def unrolled(self, field: fp.Field, z0: PyTree,
-               num_steps: int | None = None) -> fp.FixedPointResult:
+  def unrolled(self, field: fp.Field, z0: PyTree, num_steps: int | None = None,
+               remat: bool = False) -> fp.FixedPointResult:
     return fp.unrolled_fixed_point(field, z0, self.strategy,
                                    num_steps=num_steps or self.max_steps,
                                    rtol=self.rtol, atol=self.atol,
                                    unroll=self.steps_per_check,
-                                   block_floor=self.block_floor)
+                                   block_floor=self.block_floor, remat=remat)
 
 
 def relaxation_from_config(cfg: Mapping[str, Any] | Relaxation | None,

@@ -45,6 +45,8 @@ IMPLICIT_CASES = [
              "adjoint": {"max_steps": 400, "strategy": "euler",
                          "strategy_options": {"dt": 0.3}}}),
     ("bp", {"num_steps": 400, "free": {"strategy": "euler", "strategy_options": {"dt": 0.3}}}),
+    ("bp", {"num_steps": 400, "remat": True,
+            "free": {"strategy": "euler", "strategy_options": {"dt": 0.3}}}),
 ]
 ENERGY_CASES = [
     ("imaml", {"adjoint": {"rtol": 1e-13, "max_steps": 200}}),
